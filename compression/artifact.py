@@ -1,0 +1,184 @@
+"""The compressed-model folder: a Hugging Face folder whose quantized weights are packed.
+
+Layout of a saved folder:
+- `config.json`, tokenizer files: as Hugging Face writes them;
+- `model.safetensors`: every dense tensor, and for each quantized Linear `NAME`
+  the tensors `NAME.qweight` (codes bit-packed into uint8), `NAME.scales` (fp16),
+  `NAME.qzeros` (zero points bit-packed) and, only when columns were reordered,
+  `NAME.g_idx`;
+- `squeezeflow.json`: the format version, the model kind and, per quantized
+  Linear, its bits, shape, group size and symmetry.
+A folder without `squeezeflow.json` is a plain HF model and loads as one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+from squeezeflow.compression.models import (
+    LoadedModel,
+    ModelKind,
+    load_pretrained,
+    load_tokenizer,
+    model_class,
+)
+from squeezeflow.compression.quantization.qweight import (
+    QUANTIZED_ATTR,
+    QuantizedWeight,
+    current_quantized,
+    group_index,
+    pack_bits,
+    unpack_bits,
+)
+
+log = logging.getLogger(__name__)
+
+FORMAT_FILE = "squeezeflow.json"
+WEIGHTS_FILE = "model.safetensors"
+FORMAT_VERSION = 1
+
+
+def save_compressed(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    kind: ModelKind,
+    path: Path,
+    metadata: dict[str, Any] | None = None,
+) -> Path:
+    """Write `model` to `path` with every still-valid quantized Linear packed."""
+    path.mkdir(parents=True, exist_ok=True)
+    model.config.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+
+    tensors: dict[str, torch.Tensor] = {}
+    quantized_specs: dict[str, dict[str, Any]] = {}
+    packed_weights: set[str] = set()
+    for name, module in model.named_modules():
+        quantized = current_quantized(module)
+        if quantized is None:
+            if getattr(module, QUANTIZED_ATTR, None) is not None:
+                log.warning("%s changed after quantization; stored dense", name)
+            continue
+        tensors.update(_packed_tensors(name, quantized))
+        quantized_specs[name] = {
+            "bits": quantized.bits,
+            "shape": list(quantized.shape),
+            "group_size": quantized.group_size,
+            "symmetric": quantized.symmetric,
+        }
+        packed_weights.add(f"{name}.weight")
+
+    seen_storage: dict[int, str] = {}
+    tied: dict[str, str] = {}
+    for name, tensor in model.state_dict().items():
+        if name in packed_weights:
+            continue
+        pointer = tensor.data_ptr()
+        if pointer in seen_storage and tensor.numel() > 0:
+            tied[name] = seen_storage[pointer]  # tied weights are stored once
+            continue
+        seen_storage[pointer] = name
+        tensors[name] = tensor.detach().contiguous()
+    save_file(tensors, str(path / WEIGHTS_FILE), metadata={"format": "pt"})
+
+    description = {
+        "format": "squeezeflow.packed",
+        "version": FORMAT_VERSION,
+        "kind": kind,
+        "quantized": quantized_specs,
+        "tied": tied,
+        "metadata": metadata or {},
+    }
+    (path / FORMAT_FILE).write_text(json.dumps(description, indent=2, sort_keys=True))
+    return path
+
+
+def load_compressed(path: str | Path) -> LoadedModel:
+    """Load a folder written by `save_compressed` (or a plain HF model folder)."""
+    path = Path(path)
+    if not (path / FORMAT_FILE).exists():
+        return load_pretrained(path)
+    description = json.loads((path / FORMAT_FILE).read_text())
+    if description.get("version") != FORMAT_VERSION:
+        raise ValueError(
+            f"{path / FORMAT_FILE}: format version {description.get('version')} is not "
+            f"supported (this squeezeflow reads version {FORMAT_VERSION})"
+        )
+    kind: ModelKind = description["kind"]
+    config = AutoConfig.from_pretrained(path)
+    model = model_class(kind).from_config(config, dtype=torch.float32)
+    stored = load_file(str(path / WEIGHTS_FILE))
+
+    state: dict[str, torch.Tensor] = {}
+    quantized_by_module: dict[str, QuantizedWeight] = {}
+    for name, spec in description["quantized"].items():
+        quantized = _unpack(name, spec, stored)
+        quantized_by_module[name] = quantized
+        state[f"{name}.weight"] = quantized.dequantize()
+    state.update(stored)
+    for name, source in description["tied"].items():
+        state[name] = state[source]
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [m for m in missing if not m.endswith(tuple(_non_persistent(model)))]
+    if missing or unexpected:
+        raise ValueError(f"{path}: weights do not match the config: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
+    modules = dict(model.named_modules())
+    for name, quantized in quantized_by_module.items():
+        setattr(modules[name], QUANTIZED_ATTR, quantized)
+    model.eval()
+    return LoadedModel(model=model, tokenizer=load_tokenizer(path), kind=kind, path=path)
+
+
+def size_on_disk(path: Path) -> int:
+    """Bytes of every file under `path`."""
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def _packed_tensors(name: str, quantized: QuantizedWeight) -> dict[str, torch.Tensor]:
+    tensors = {
+        f"{name}.qweight": pack_bits(quantized.codes, quantized.bits),
+        f"{name}.scales": quantized.scale.to(torch.float16).contiguous(),
+        f"{name}.qzeros": pack_bits(quantized.zero, quantized.bits),
+    }
+    columns = quantized.shape[1]
+    if not torch.equal(quantized.g_idx, group_index(columns, quantized.group_size)):
+        tensors[f"{name}.g_idx"] = quantized.g_idx.to(torch.int32)
+    return tensors
+
+
+def _unpack(name: str, spec: dict[str, Any], stored: dict[str, torch.Tensor]) -> QuantizedWeight:
+    bits, (rows, columns) = spec["bits"], spec["shape"]
+    scale = stored.pop(f"{name}.scales").to(torch.float32)  # (out, groups)
+    g_idx_stored = stored.pop(f"{name}.g_idx", None)
+    g_idx = (
+        group_index(columns, spec["group_size"])
+        if g_idx_stored is None
+        else g_idx_stored.to(torch.int64)
+    )
+    return QuantizedWeight(
+        codes=unpack_bits(stored.pop(f"{name}.qweight"), bits, (rows, columns)),
+        scale=scale,
+        zero=unpack_bits(stored.pop(f"{name}.qzeros"), bits, tuple(scale.shape)),
+        g_idx=g_idx,
+        bits=bits,
+        group_size=spec["group_size"],
+        symmetric=spec["symmetric"],
+    )
+
+
+def _non_persistent(model: nn.Module) -> set[str]:
+    """Buffers that HF models rebuild themselves (e.g. position ids)."""
+    names = set()
+    for module_name, module in model.named_modules():
+        for buffer_name in getattr(module, "_non_persistent_buffers_set", set()):
+            names.add(f"{module_name}.{buffer_name}" if module_name else buffer_name)
+    return names

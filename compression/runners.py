@@ -1,0 +1,154 @@
+"""Runners drive the steps of one stage over a model.
+
+- basic: every step attaches its observers, one forward pass over the calibration
+  batches feeds them all (skipped when no step needs data), then each step applies.
+- layer-wise (GPTQ-style): capture the inputs of the first block, then for each
+  block: observe -> apply -> recompute the block's outputs with the compressed
+  weights, which become the next block's inputs. Only one block's activations are
+  alive at a time, which keeps memory bounded on large models.
+
+The runner is chosen from the steps' needs: any LAYERWISE step makes the stage
+layer-wise.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack
+from typing import Any
+
+import torch
+from torch import nn
+
+from squeezeflow.compression.models import find_blocks
+from squeezeflow.compression.step import Needs, Step, StepReport
+
+log = logging.getLogger(__name__)
+
+Batch = dict[str, torch.Tensor]
+Progress = Callable[[str], None]
+
+
+class _StopForward(Exception):
+    """Raised by the capture hook once the first block's inputs are recorded."""
+
+
+def run_stage_steps(
+    model: nn.Module,
+    steps: Sequence[Step[Any]],
+    calibration: Sequence[Batch] = (),
+    progress: Progress | None = None,
+) -> list[StepReport]:
+    """Apply `steps` (one stage) to `model` in place; one report per step."""
+    needs = {step.needs for step in steps}
+    unsupported = needs - {Needs.NOTHING, Needs.CALIBRATION, Needs.LAYERWISE}
+    if unsupported:
+        names = ", ".join(sorted(n.value for n in unsupported))
+        raise ValueError(f"no runner for steps that need {names}")
+    if needs & {Needs.CALIBRATION, Needs.LAYERWISE} and not calibration:
+        raise ValueError("this stage has steps that need calibration data, and none was given")
+    with torch.no_grad():
+        if Needs.LAYERWISE in needs:
+            return run_layerwise(model, steps, calibration, progress)
+        return run_basic(model, steps, calibration if Needs.CALIBRATION in needs else (), progress)
+
+
+def run_basic(
+    model: nn.Module,
+    steps: Sequence[Step[Any]],
+    calibration: Sequence[Batch],
+    progress: Progress | None = None,
+) -> list[StepReport]:
+    selected = [step.select(model) for step in steps]
+    with ExitStack() as observers:
+        for step, modules in zip(steps, selected, strict=True):
+            observers.enter_context(step.observe(modules))
+        for index, batch in enumerate(calibration):
+            model(**batch, **_no_cache(model))
+            _tell(progress, f"calibration batch {index + 1}/{len(calibration)}")
+    reports = []
+    for step, modules in zip(steps, selected, strict=True):
+        _tell(progress, f"applying {step.config.kind} to {len(modules)} modules")
+        reports.append(step.finalize(model, [step.apply(modules)]))
+    return reports
+
+
+def run_layerwise(
+    model: nn.Module,
+    steps: Sequence[Step[Any]],
+    calibration: Sequence[Batch],
+    progress: Progress | None = None,
+) -> list[StepReport]:
+    prefix, blocks = find_blocks(model)
+    inputs = capture_block_inputs(model, blocks[0], calibration)
+    reports: list[list[StepReport]] = [[] for _ in steps]
+    for index, block in enumerate(blocks):
+        block_name = f"{prefix}.{index}"
+        selected = [step.select(block, block_name) for step in steps]
+        with ExitStack() as observers:
+            for step, modules in zip(steps, selected, strict=True):
+                observers.enter_context(step.observe(modules))
+            for args, kwargs in inputs:
+                block(*args, **kwargs)
+        for step, modules, step_reports in zip(steps, selected, reports, strict=True):
+            step_reports.append(step.apply(modules))
+        # The next block sees what this compressed block produces.
+        inputs = [((_hidden(block(*args, **kwargs)), *args[1:]), kwargs) for args, kwargs in inputs]
+        _tell(progress, f"block {index + 1}/{len(blocks)} done")
+    outside = _modules_outside(model, prefix, steps)
+    if outside:
+        log.warning("layer-wise steps skipped modules outside the blocks: %s", ", ".join(outside))
+    return [
+        step.finalize(model, step_reports)
+        for step, step_reports in zip(steps, reports, strict=True)
+    ]
+
+
+def capture_block_inputs(
+    model: nn.Module, first_block: nn.Module, calibration: Sequence[Batch]
+) -> list[tuple[tuple[Any, ...], dict[str, Any]]]:
+    """The positional and keyword inputs of `first_block` for each calibration batch."""
+    captured: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
+
+    def record(_: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if not args:  # some models pass hidden_states by keyword
+            args, kwargs = (kwargs.pop("hidden_states"),), kwargs
+        captured.append((args, dict(kwargs)))
+        raise _StopForward
+
+    handle = first_block.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        for batch in calibration:
+            try:
+                model(**batch, **_no_cache(model))
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+    return captured
+
+
+def _hidden(output: Any) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple | list) else output
+
+
+def _no_cache(model: nn.Module) -> dict[str, bool]:
+    """`use_cache=False` where the model takes it: a KV cache is useless in calibration."""
+    return {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
+
+
+def _modules_outside(model: nn.Module, prefix: str, steps: Sequence[Step[Any]]) -> list[str]:
+    return sorted(
+        name
+        for step in steps
+        for name in step.select(model)
+        if not name.startswith(f"{prefix}.")
+    )
+
+
+def _tell(progress: Progress | None, message: str) -> None:
+    if progress is not None:
+        progress(message)
+    log.debug(message)

@@ -1,0 +1,106 @@
+"""The Step contract: what a compression step needs, observes and changes.
+
+A step declares its needs (`Needs`), attaches observers to the modules it targets
+inside `observe()` (a context manager: hooks are always removed), then `apply()`
+changes those modules in place and returns a `StepReport` of measured metrics.
+Runners (`compression/runners.py`) drive steps; steps never run the model.
+"""
+
+from __future__ import annotations
+
+import enum
+import fnmatch
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, ClassVar, Generic, TypeVar
+
+from pydantic import BaseModel, Field
+from torch import nn
+
+from squeezeflow.compression.config import StepConfig
+
+
+class Needs(enum.Enum):
+    """What a step requires from the runner, in increasing order of cost."""
+
+    NOTHING = "nothing"  # weights only (RTN, magnitude pruning)
+    CALIBRATION = "calibration"  # one forward pass over calibration data, all observers at once
+    LAYERWISE = "layerwise"  # block-by-block: block k sees outputs of compressed blocks < k
+    TRAINING = "training"  # gradient steps on training data
+    TEACHER = "teacher"  # training against a teacher model
+
+
+class StepReport(BaseModel):
+    """What one step did, as measured numbers (logged to the registry per stage)."""
+
+    kind: str
+    metrics: dict[str, float] = Field(default_factory=dict)
+    per_module: dict[str, dict[str, float]] = Field(default_factory=dict)
+
+    def merge(self, other: StepReport) -> StepReport:
+        """Combine reports of the same step from several blocks (layer-wise runner)."""
+        per_module = {**self.per_module, **other.per_module}
+        return StepReport(kind=self.kind, metrics=self.metrics, per_module=per_module)
+
+
+ConfigT = TypeVar("ConfigT", bound=StepConfig)
+
+
+class Step(Generic[ConfigT]):
+    """Base class of every registered step."""
+
+    needs: ClassVar[Needs] = Needs.NOTHING
+
+    def __init__(self, config: ConfigT) -> None:
+        self.config = config
+
+    def select(self, root: nn.Module, prefix: str = "") -> dict[str, nn.Module]:
+        """Linear layers under `root` matched by `targets` and not by `ignore`."""
+        selected = {}
+        for name, module in root.named_modules():
+            full_name = f"{prefix}.{name}" if prefix and name else (prefix or name)
+            if not isinstance(module, nn.Linear) or not full_name:
+                continue
+            if not any(fnmatch.fnmatchcase(full_name, p) for p in self.config.targets):
+                continue
+            if any(fnmatch.fnmatchcase(full_name, p) for p in self.config.ignore):
+                continue
+            selected[full_name] = module
+        return selected
+
+    @contextmanager
+    def observe(self, modules: dict[str, nn.Module]) -> Iterator[None]:
+        """Attach calibration observers to `modules`; the default observes nothing."""
+        yield
+
+    def apply(self, modules: dict[str, nn.Module]) -> StepReport:
+        raise NotImplementedError
+
+    def finalize(self, model: nn.Module, reports: list[StepReport]) -> StepReport:
+        """Summarize per-block reports into one report for the whole model."""
+        merged = reports[0]
+        for report in reports[1:]:
+            merged = merged.merge(report)
+        return merged.model_copy(update={"metrics": summarize(merged.per_module)})
+
+
+@contextmanager
+def hooks(handles: list[Any]) -> Iterator[None]:
+    """Remove every hook handle on exit, even when the forward pass raised."""
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def summarize(per_module: dict[str, dict[str, float]]) -> dict[str, float]:
+    """Mean of each per-module metric, plus the worst (max) of error metrics."""
+    keys = sorted({key for values in per_module.values() for key in values})
+    summary: dict[str, float] = {"modules": float(len(per_module))}
+    for key in keys:
+        values = [m[key] for m in per_module.values() if key in m]
+        summary[f"mean_{key}"] = sum(values) / len(values)
+        if "error" in key:
+            summary[f"max_{key}"] = max(values)
+    return summary

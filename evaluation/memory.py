@@ -1,0 +1,61 @@
+"""Peak memory of loading a model folder and running one batch, in a fresh process.
+
+A fresh process is the honest measurement on CPU: the peak resident set size
+(`ru_maxrss`) after the imports is the baseline, and the peak after loading the
+model and running one inference batch minus that baseline is what the model costs.
+Run as `python -m squeezeflow.evaluation.memory MODEL_DIR TEXTS_JSON BATCH MAX_LEN`.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+
+
+def peak_memory_mb(model_dir: Path, texts: list[str], batch_size: int, max_length: int) -> float:
+    """Peak MB above the post-import baseline for load + one batch of `texts`."""
+    texts_json = json.dumps(texts[:batch_size])
+    result = subprocess.run(
+        [sys.executable, "-m", __name__, str(model_dir), texts_json, str(max_length)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"memory measurement of {model_dir} failed:\n{result.stderr[-2000:]}")
+    return float(json.loads(result.stdout.strip().splitlines()[-1])["peak_memory_mb"])
+
+
+def _measure(model_dir: str, texts_json: str, max_length: int) -> float:
+    import torch
+
+    from squeezeflow.compression.artifact import load_compressed
+    from squeezeflow.compression.models import mean_pooled_embeddings
+
+    baseline = _peak_rss_mb()
+    loaded = load_compressed(model_dir)
+    batch = loaded.tokenizer(
+        json.loads(texts_json),
+        padding=True,
+        truncation=True,
+        max_length=max_length,
+        return_tensors="pt",
+    )
+    with torch.inference_mode():
+        if loaded.kind == "encoder":
+            mean_pooled_embeddings(loaded.model, batch["input_ids"], batch["attention_mask"])
+        else:
+            loaded.model(**batch, use_cache=False)
+    return _peak_rss_mb() - baseline
+
+
+if __name__ == "__main__":
+    model_path, texts_arg, length = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    print(json.dumps({"peak_memory_mb": _measure(model_path, texts_arg, length)}))

@@ -1,0 +1,159 @@
+"""Evaluate a candidate against its base on the same data with the same settings.
+
+Metrics of the candidate keep their plain names; the base's get a `base_` prefix;
+comparisons (compression ratio, speed-up, perplexity ratio) are computed from the
+two. Fidelity compares the candidate's embeddings with the base's, so it has no
+base value.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, Field
+
+from squeezeflow.compression.artifact import load_compressed
+from squeezeflow.compression.config import StrictModel
+from squeezeflow.compression.data import tokenized_batches
+from squeezeflow.compression.models import LoadedModel, ModelKind, mean_pooled_embeddings
+from squeezeflow.evaluation import fidelity
+from squeezeflow.evaluation.latency import measure_latency
+from squeezeflow.evaluation.memory import peak_memory_mb
+from squeezeflow.evaluation.perplexity import perplexity
+from squeezeflow.evaluation.size import parameter_counts, weights_bytes
+
+log = logging.getLogger(__name__)
+
+Suite = Literal["quality", "latency", "memory", "size"]
+ALL_SUITES: tuple[Suite, ...] = ("quality", "latency", "memory", "size")
+
+# Every metric name an evaluation can produce, for validating gates in recipes.
+QUALITY_METRICS = {
+    "encoder": ("fidelity_cosine", "fidelity_spearman", "fidelity_topk"),
+    "causal-lm": ("perplexity", "base_perplexity", "perplexity_ratio"),
+}
+MEASURED_METRICS = (
+    "latency_p50_ms", "latency_p95_ms", "latency_mean_ms", "peak_memory_mb", "size_mb",
+    "weights_mb", "parameters", "nonzero_parameters", "linear_sparsity",
+)
+KNOWN_METRICS = tuple(
+    sorted(
+        {m for names in QUALITY_METRICS.values() for m in names}
+        | set(MEASURED_METRICS)
+        | {f"base_{m}" for m in MEASURED_METRICS}
+        | {"compression_ratio", "speedup", "memory_ratio"}
+    )
+)
+
+
+class LatencySettings(StrictModel):
+    warmup: int = Field(3, ge=0)  # first calls pay for allocation and thread start-up
+    repeats: int = Field(10, ge=1)  # enough for a stable median on a quiet machine
+    batch_size: int = Field(8, ge=1)
+
+
+class EvaluationSettings(StrictModel):
+    suites: tuple[Suite, ...] = ALL_SUITES
+    batch_size: int = Field(16, ge=1)
+    max_length: int = Field(128, ge=2)
+    top_k: int = Field(5, ge=1)  # neighbours compared by the retrieval-agreement metric
+    latency: LatencySettings = LatencySettings()
+
+
+class EvaluationReport(BaseModel):
+    kind: ModelKind
+    metrics: dict[str, float]
+
+
+Progress = Callable[[str], None]
+
+
+def evaluate(
+    base_dir: Path,
+    candidate_dir: Path,
+    texts: list[str],
+    settings: EvaluationSettings,
+    progress: Progress | None = None,
+) -> EvaluationReport:
+    """Measure base and candidate on `texts`; both see the same batches and settings."""
+    tell = progress or (lambda message: log.info(message))
+    base = load_compressed(base_dir)
+    candidate = load_compressed(candidate_dir)
+    if base.kind != candidate.kind:
+        raise ValueError(f"base is a {base.kind} but the candidate is a {candidate.kind}")
+    metrics: dict[str, float] = {}
+    if "quality" in settings.suites:
+        tell("evaluating quality")
+        metrics |= _quality(base, candidate, texts, settings)
+    if "latency" in settings.suites:
+        tell("measuring latency")
+        for prefix, loaded in (("base_", base), ("", candidate)):
+            metrics |= {prefix + k: v for k, v in _latency(loaded, texts, settings).items()}
+        metrics["speedup"] = metrics["base_latency_p50_ms"] / metrics["latency_p50_ms"]
+    if "size" in settings.suites:
+        for prefix, loaded, folder in (("base_", base, base_dir), ("", candidate, candidate_dir)):
+            metrics[prefix + "weights_mb"] = weights_bytes(folder) / 2**20
+            metrics[prefix + "size_mb"] = sum(
+                f.stat().st_size for f in Path(folder).rglob("*") if f.is_file()
+            ) / 2**20
+            metrics |= {prefix + k: v for k, v in parameter_counts(loaded.model).items()}
+        metrics["compression_ratio"] = metrics["base_weights_mb"] / metrics["weights_mb"]
+    if "memory" in settings.suites:
+        tell("measuring peak memory")
+        size = settings.latency.batch_size
+        metrics["base_peak_memory_mb"] = peak_memory_mb(base_dir, texts, size, settings.max_length)
+        metrics["peak_memory_mb"] = peak_memory_mb(candidate_dir, texts, size, settings.max_length)
+        metrics["memory_ratio"] = metrics["peak_memory_mb"] / max(metrics["base_peak_memory_mb"], 1e-9)
+    return EvaluationReport(kind=candidate.kind, metrics=metrics)
+
+
+def embed(loaded: LoadedModel, texts: list[str], settings: EvaluationSettings) -> torch.Tensor:
+    """Sentence embeddings of `texts`: (n, hidden)."""
+    with torch.inference_mode():
+        return torch.cat([
+            mean_pooled_embeddings(loaded.model, b["input_ids"], b["attention_mask"])
+            for b in tokenized_batches(
+                texts, loaded.tokenizer, batch_size=settings.batch_size,
+                max_length=settings.max_length,
+            )
+        ])
+
+
+def _quality(
+    base: LoadedModel, candidate: LoadedModel, texts: list[str], settings: EvaluationSettings
+) -> dict[str, float]:
+    if candidate.kind == "encoder":
+        base_emb, cand_emb = embed(base, texts, settings), embed(candidate, texts, settings)
+        return {
+            "fidelity_cosine": fidelity.mean_cosine(base_emb, cand_emb),
+            "fidelity_spearman": fidelity.similarity_spearman(base_emb, cand_emb),
+            "fidelity_topk": fidelity.topk_agreement(base_emb, cand_emb, settings.top_k),
+        }
+    scores = {}
+    for prefix, loaded in (("base_", base), ("", candidate)):
+        batches = tokenized_batches(
+            texts, loaded.tokenizer, batch_size=settings.batch_size, max_length=settings.max_length
+        )
+        scores[prefix + "perplexity"] = perplexity(loaded.model, batches)
+    scores["perplexity_ratio"] = scores["perplexity"] / scores["base_perplexity"]
+    return scores
+
+
+def _latency(loaded: LoadedModel, texts: list[str], settings: EvaluationSettings) -> dict[str, float]:
+    batch = next(
+        tokenized_batches(
+            texts[: settings.latency.batch_size], loaded.tokenizer,
+            batch_size=settings.latency.batch_size, max_length=settings.max_length,
+        )
+    )
+    if loaded.kind == "encoder":
+        def call() -> object:
+            return mean_pooled_embeddings(loaded.model, batch["input_ids"], batch["attention_mask"])
+    else:
+        def call() -> object:
+            return loaded.model(**batch, use_cache=False)
+    return measure_latency(call, warmup=settings.latency.warmup, repeats=settings.latency.repeats)

