@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoConfig, PreTrainedModel, PreTrainedTokenizerBase
 
@@ -115,25 +116,33 @@ def load_compressed(path: str | Path) -> LoadedModel:
     kind: ModelKind = description["kind"]
     config = AutoConfig.from_pretrained(path)
     model = model_class(kind).from_config(config, dtype=torch.float32)
-    stored = load_file(str(path / WEIGHTS_FILE))
+    params = dict(model.state_dict(keep_vars=True))
+    loaded: set[str] = set()
 
-    state: dict[str, torch.Tensor] = {}
-    quantized_by_module: dict[str, QuantizedWeight] = {}
-    for name, spec in description["quantized"].items():
-        quantized = _unpack(name, spec, stored)
-        quantized_by_module[name] = quantized
-        state[f"{name}.weight"] = quantized.dequantize()
-    state.update(stored)
+    def assign(name: str, value: torch.Tensor) -> None:
+        if name not in params:
+            raise ValueError(f"{path}: stored tensor {name} is not in the model's config")
+        with torch.no_grad():
+            params[name].data.copy_(value)
+        loaded.add(name)
+
+    # One tensor at a time: peak memory stays near one model, not model + state dict.
+    with safe_open(str(path / WEIGHTS_FILE), framework="pt") as stored:
+        names = set(stored.keys())
+        modules = dict(model.named_modules())
+        for name, spec in description["quantized"].items():
+            quantized = _unpack(name, spec, stored, names)
+            assign(f"{name}.weight", quantized.dequantize())
+            setattr(modules[name], QUANTIZED_ATTR, quantized)
+        for name in sorted(names):
+            assign(name, stored.get_tensor(name))
     for name, source in description["tied"].items():
-        state[name] = state[source]
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [m for m in missing if not m.endswith(tuple(_non_persistent(model)))]
-    if missing or unexpected:
-        raise ValueError(f"{path}: weights do not match the config: missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}")
-    modules = dict(model.named_modules())
-    for name, quantized in quantized_by_module.items():
-        setattr(modules[name], QUANTIZED_ATTR, quantized)
+        if params[name].data_ptr() != params[source].data_ptr():
+            assign(name, params[source].detach())
+        loaded.add(name)
+    missing = set(params) - loaded - _non_persistent(model)
+    if missing:
+        raise ValueError(f"{path}: weights missing from {WEIGHTS_FILE}: {sorted(missing)[:5]}")
     model.eval()
     return LoadedModel(model=model, tokenizer=load_tokenizer(path), kind=kind, path=path)
 
@@ -155,19 +164,32 @@ def _packed_tensors(name: str, quantized: QuantizedWeight) -> dict[str, torch.Te
     return tensors
 
 
-def _unpack(name: str, spec: dict[str, Any], stored: dict[str, torch.Tensor]) -> QuantizedWeight:
+def _unpack(name: str, spec: dict[str, Any], stored: Any, names: set[str]) -> QuantizedWeight:
+    """Read one packed Linear from an open safetensors file; consumes its names."""
+
+    def take(suffix: str) -> torch.Tensor | None:
+        key = f"{name}.{suffix}"
+        if key not in names:
+            return None
+        names.discard(key)
+        tensor: torch.Tensor = stored.get_tensor(key)
+        return tensor
+
     bits, (rows, columns) = spec["bits"], spec["shape"]
-    scale = stored.pop(f"{name}.scales").to(torch.float32)  # (out, groups)
-    g_idx_stored = stored.pop(f"{name}.g_idx", None)
+    scales, qweight, qzeros = take("scales"), take("qweight"), take("qzeros")
+    if scales is None or qweight is None or qzeros is None:
+        raise ValueError(f"packed tensors of {name} are incomplete")
+    scale = scales.to(torch.float32)  # (out, groups)
+    g_idx_stored = take("g_idx")
     g_idx = (
         group_index(columns, spec["group_size"])
         if g_idx_stored is None
         else g_idx_stored.to(torch.int64)
     )
     return QuantizedWeight(
-        codes=unpack_bits(stored.pop(f"{name}.qweight"), bits, (rows, columns)),
+        codes=unpack_bits(qweight, bits, (rows, columns)),
         scale=scale,
-        zero=unpack_bits(stored.pop(f"{name}.qzeros"), bits, tuple(scale.shape)),
+        zero=unpack_bits(qzeros, bits, tuple(scale.shape)),
         g_idx=g_idx,
         bits=bits,
         group_size=spec["group_size"],

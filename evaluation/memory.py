@@ -1,22 +1,34 @@
 """Peak memory of loading a model folder and running one batch, in a fresh process.
 
-A fresh process is the honest measurement on CPU: the peak resident set size
-(`ru_maxrss`) after the imports is the baseline, and the peak after loading the
-model and running one inference batch minus that baseline is what the model costs.
+A fresh process is the honest measurement on CPU: after the imports the kernel's
+peak resident set size (VmHWM) is reset to the current size (`/proc/self/clear_refs`),
+and the peak after loading the model and running one inference batch, minus the
+size at reset, is what the model costs.
 Run as `python -m squeezeflow.evaluation.memory MODEL_DIR TEXTS_JSON BATCH MAX_LEN`.
 """
 
 from __future__ import annotations
 
 import json
-import resource
+import gc
 import subprocess
 import sys
 from pathlib import Path
 
 
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+def _status_mb(field: str) -> float:
+    """A memory field of /proc/self/status (VmRSS, VmHWM) in MB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return float(line.split()[1]) / 1024.0  # the kernel reports kB
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def _reset_peak() -> float:
+    """Reset the peak RSS to the current RSS; returns the current RSS in MB."""
+    gc.collect()
+    Path("/proc/self/clear_refs").write_text("5")  # 5 = reset the peak RSS (Linux >= 4.0)
+    return _status_mb("VmRSS")
 
 
 def peak_memory_mb(model_dir: Path, texts: list[str], batch_size: int, max_length: int) -> float:
@@ -39,7 +51,7 @@ def _measure(model_dir: str, texts_json: str, max_length: int) -> float:
     from squeezeflow.compression.artifact import load_compressed
     from squeezeflow.compression.models import mean_pooled_embeddings
 
-    baseline = _peak_rss_mb()
+    baseline = _reset_peak()
     loaded = load_compressed(model_dir)
     batch = loaded.tokenizer(
         json.loads(texts_json),
@@ -53,7 +65,7 @@ def _measure(model_dir: str, texts_json: str, max_length: int) -> float:
             mean_pooled_embeddings(loaded.model, batch["input_ids"], batch["attention_mask"])
         else:
             loaded.model(**batch, use_cache=False)
-    return _peak_rss_mb() - baseline
+    return _status_mb("VmHWM") - baseline
 
 
 if __name__ == "__main__":

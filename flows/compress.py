@@ -1,0 +1,98 @@
+"""The `compress` flow: recipe -> stages -> evaluation -> registry.
+
+Orchestration only; the work is in tasks/ (thin) and the library below them.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel
+
+from squeezeflow.settings import apply_defaults
+
+apply_defaults()
+
+from prefect import flow  # noqa: E402
+from prefect.runtime import flow_run  # noqa: E402
+
+from squeezeflow.recipe import Recipe, load_recipe  # noqa: E402
+from squeezeflow.registry.records import (  # noqa: E402
+    RegisteredVersion,
+    RunRecord,
+    StageRecord,
+)
+from squeezeflow.tasks.refs import code_version  # noqa: E402
+from squeezeflow.tasks.stages import (  # noqa: E402
+    StageResult,
+    evaluate_candidate,
+    gate_results,
+    materialize_data,
+    materialize_model,
+    register,
+    run_stage,
+)
+
+
+class CompressResult(BaseModel):
+    registered: RegisteredVersion
+    metrics: dict[str, float]
+    stages: list[StageResult]
+    model_dir: str
+
+
+@flow(name="compress", log_prints=False)
+def compress(recipe_path: str) -> CompressResult:
+    """Run the recipe at `recipe_path` and register the compressed model."""
+    recipe = load_recipe(recipe_path)
+    return compress_recipe(recipe)
+
+
+def compress_recipe(recipe: Recipe) -> CompressResult:
+    base = materialize_model(recipe.model)
+    calibration = (
+        materialize_data(recipe.calibration)
+        if recipe.calibration is not None and recipe.needs_calibration()
+        else None
+    )
+    evaluation_data = materialize_data(recipe.evaluation.data)
+
+    current = base
+    stages: list[StageResult] = []
+    for stage in recipe.stages:
+        result = run_stage(stage, current, calibration, recipe.calibration, recipe.seed)
+        stages.append(result)
+        current = result.checkpoint
+
+    settings = recipe.evaluation.model_copy()
+    report = evaluate_candidate(base, current, evaluation_data, settings)
+    gates = gate_results(recipe.gates, report.metrics)
+    data_sha256 = {"evaluation": evaluation_data.sha256}
+    if calibration is not None:
+        data_sha256["calibration"] = calibration.sha256
+    record = RunRecord(
+        recipe_name=recipe.name,
+        recipe=recipe.model_dump(mode="json"),
+        recipe_sha256=recipe.sha256(),
+        model_name=recipe.registration.model_name,
+        experiment=recipe.registration.experiment,
+        tracking_uri=recipe.registration.tracking_uri,
+        alias=recipe.registration.alias,
+        base_model=recipe.model.source,
+        base_sha256=base.sha256,
+        kind=base.kind,
+        data_sha256=data_sha256,
+        stages=[
+            StageRecord(name=s.name, checkpoint_sha256=s.checkpoint.sha256, seconds=s.seconds,
+                        metrics=s.metrics)
+            for s in stages
+        ],
+        metrics=report.metrics,
+        gate_results=gates,
+        model_dir=current.path,
+        candidate_sha256=current.sha256,
+        code_version=code_version(),
+        flow_run_id=str(flow_run.get_id() or ""),
+    )
+    registered = register(record)
+    return CompressResult(
+        registered=registered, metrics=report.metrics, stages=stages, model_dir=current.path
+    )

@@ -1,0 +1,50 @@
+"""A markdown model card written from the measured metrics of a run."""
+
+from __future__ import annotations
+
+from squeezeflow.registry.records import RunRecord
+
+HEADLINE = (
+    "fidelity_cosine", "fidelity_spearman", "fidelity_topk", "perplexity", "base_perplexity",
+    "perplexity_ratio", "compression_ratio", "weights_mb", "base_weights_mb", "speedup",
+    "latency_p50_ms", "base_latency_p50_ms", "peak_memory_mb", "base_peak_memory_mb",
+    "parameters", "linear_sparsity",
+)
+
+
+def model_card(record: RunRecord) -> str:
+    lines = [
+        f"# {record.model_name}: {record.recipe_name}",
+        "",
+        f"Compressed from `{record.base_model}` ({record.kind}) by squeezeflow "
+        f"{record.code_version}.",
+        "",
+        "## Lineage",
+        f"- base model sha256: `{record.base_sha256}`",
+        f"- recipe sha256: `{record.recipe_sha256}`",
+        *[f"- {name} data sha256: `{digest}`" for name, digest in record.data_sha256.items()],
+        f"- model sha256: `{record.candidate_sha256}`",
+        "",
+        "## Stages",
+        *[
+            f"- `{stage.name}`: {stage.seconds:.1f} s, checkpoint `{stage.checkpoint_sha256[:12]}`"
+            for stage in record.stages
+        ],
+        "",
+        "## Measured metrics",
+        "| metric | value |",
+        "|---|---|",
+        *[
+            f"| {name} | {record.metrics[name]:.6g} |"
+            for name in HEADLINE
+            if name in record.metrics
+        ],
+        "",
+        "## Gates",
+    ]
+    if not record.gate_results:
+        lines.append("No gates in the recipe.")
+    for result in record.gate_results:
+        value = "missing" if result.value is None else f"{result.value:.6g}"
+        lines.append(f"- {'PASS' if result.passed else 'FAIL'}: {result.gate} (measured {value})")
+    return "\n".join(lines) + "\n"

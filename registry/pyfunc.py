@@ -1,0 +1,47 @@
+"""An MLflow pyfunc wrapper around squeezeflow's own loader.
+
+`mlflow.pyfunc.load_model("models:/NAME@champion").predict(["some text"])` returns
+embeddings (encoders) or greedy continuations (causal LMs) from the compressed model.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mlflow.pyfunc
+
+ARTIFACT_KEY = "model"  # the compressed model folder inside the logged pyfunc model
+
+
+class CompressedModel(mlflow.pyfunc.PythonModel):  # type: ignore[misc]
+    def load_context(self, context: Any) -> None:
+        from squeezeflow.compression.artifact import load_compressed
+
+        self.loaded = load_compressed(context.artifacts[ARTIFACT_KEY])
+
+    def predict(
+        self, context: Any, model_input: list[str], params: dict[str, Any] | None = None
+    ) -> Any:
+        import torch
+
+        from squeezeflow.compression.models import mean_pooled_embeddings
+
+        texts = _texts(model_input)
+        tokenizer, model = self.loaded.tokenizer, self.loaded.model
+        batch = tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
+        with torch.inference_mode():
+            if self.loaded.kind == "encoder":
+                embeddings = mean_pooled_embeddings(model, batch["input_ids"], batch["attention_mask"])
+                return embeddings.numpy()
+            max_new_tokens = int((params or {}).get("max_new_tokens", 20))
+            generated = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
+        return tokenizer.batch_decode(generated, skip_special_tokens=True)
+
+
+def _texts(model_input: Any) -> list[str]:
+    if isinstance(model_input, str):
+        return [model_input]
+    if hasattr(model_input, "columns"):  # a pandas DataFrame
+        column = "text" if "text" in model_input.columns else model_input.columns[0]
+        return [str(t) for t in model_input[column].tolist()]
+    return [str(t) for t in model_input]

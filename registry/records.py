@@ -1,0 +1,50 @@
+"""What a finished compression run hands to the registry."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from squeezeflow.evaluation.gates import GateResult
+
+
+class StageRecord(BaseModel):
+    name: str
+    checkpoint_sha256: str
+    seconds: float
+    metrics: dict[str, float] = Field(default_factory=dict)
+
+
+class RunRecord(BaseModel):
+    recipe_name: str
+    recipe: dict[str, Any]  # the validated recipe, logged flattened as params
+    recipe_sha256: str
+    model_name: str
+    experiment: str
+    tracking_uri: str | None
+    alias: str
+    base_model: str
+    base_sha256: str
+    kind: str
+    data_sha256: dict[str, str]  # "calibration" / "evaluation" -> content hash
+    stages: list[StageRecord]
+    metrics: dict[str, float]
+    gate_results: list[GateResult]
+    model_dir: str
+    candidate_sha256: str
+    code_version: str
+    flow_run_id: str | None = None
+
+    @property
+    def gates_passed(self) -> bool:
+        return all(result.passed for result in self.gate_results)
+
+
+class RegisteredVersion(BaseModel):
+    model_name: str
+    version: str
+    run_id: str
+    aliases: list[str]
+    gates_passed: bool
+    tracking_uri: str

@@ -1,0 +1,29 @@
+"""Environment defaults applied before prefect or mlflow are imported.
+
+Each is a default only (`setdefault`): a value the user exported wins.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+DEFAULTS = {
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",  # no telemetry
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",  # 2-core machines take 15-25 s
+    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DO_NOT_TRACK": "true",
+    "TOKENIZERS_PARALLELISM": "false",  # forked workers of a tokenizer warn and can deadlock
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # the CLI shows its own progress
+    "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+    "TRANSFORMERS_VERBOSITY": "error",
+}
+
+
+def apply_defaults() -> None:
+    for key, value in DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    # Keep Prefect's local state in the project, not in ~/.prefect.
+    os.environ.setdefault("PREFECT_HOME", str(Path.cwd() / ".prefect"))

@@ -1,0 +1,160 @@
+"""Thin Prefect tasks around the library: each takes and returns references."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from prefect import task
+from prefect.cache_policies import NONE
+from pydantic import BaseModel
+from transformers import AutoConfig
+
+from squeezeflow.compression.artifact import load_compressed, save_compressed
+from squeezeflow.compression.catalog import CATALOG
+from squeezeflow.compression.data import load_texts, texts_sha256, tokenized_batches
+from squeezeflow.compression.models import detect_kind, resolve_source
+from squeezeflow.compression.runners import run_stage_steps
+from squeezeflow.evaluation.gates import Gate, GateResult, check_gates
+from squeezeflow.evaluation.suite import EvaluationReport, EvaluationSettings, evaluate
+from squeezeflow.recipe import DataSpec, ModelSpec, StageSpec
+from squeezeflow.registry.records import RegisteredVersion, RunRecord
+from squeezeflow.registry.runs import log_and_register
+from squeezeflow.tasks.refs import CheckpointRef, DataRef, code_version, folder_sha256, workspace
+
+log = logging.getLogger("squeezeflow")
+
+
+class StageResult(BaseModel):
+    name: str
+    checkpoint: CheckpointRef
+    seconds: float
+    metrics: dict[str, float]
+    reused: bool  # True when an identical stage output already existed
+
+
+@task(name="materialize-model", cache_policy=NONE)
+def materialize_model(spec: ModelSpec) -> CheckpointRef:
+    path = resolve_source(spec.source, spec.revision)
+    kind = spec.kind if spec.kind != "auto" else detect_kind(AutoConfig.from_pretrained(path))
+    log.info("base model %s (%s)", path, kind)
+    return CheckpointRef(path=str(path), sha256=folder_sha256(path), kind=kind)
+
+
+@task(name="materialize-data", cache_policy=NONE)
+def materialize_data(spec: DataSpec) -> DataRef:
+    texts = load_texts(
+        spec.source, split=spec.split, text_field=spec.text_field,
+        num_samples=spec.num_samples, subset=spec.subset,
+    )
+    digest = texts_sha256(texts)
+    path = workspace() / "data" / f"{digest}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists():
+        path.write_text(json.dumps(texts))
+    return DataRef(path=str(path), sha256=digest, count=len(texts))
+
+
+def read_texts(ref: DataRef) -> list[str]:
+    texts: list[str] = json.loads(Path(ref.path).read_text())
+    return texts
+
+
+def stage_key(stage: StageSpec, source: CheckpointRef, calibration: DataRef | None, seed: int,
+              calibration_spec: DataSpec | None) -> str:
+    """Content address of a stage's output: what it starts from and what it does."""
+    parts = {
+        "source": source.sha256,
+        "stage": stage.model_dump(mode="json"),
+        "calibration": calibration.sha256 if calibration else None,
+        "calibration_spec": calibration_spec.model_dump(mode="json") if calibration_spec else None,
+        "seed": seed,
+        "code": code_version(),
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+@task(name="run-stage", cache_policy=NONE)
+def run_stage(
+    stage: StageSpec,
+    source: CheckpointRef,
+    calibration: DataRef | None,
+    calibration_spec: DataSpec | None,
+    seed: int,
+) -> StageResult:
+    """Apply one stage to `source`; the output folder is written whole or not at all."""
+    key = stage_key(stage, source, calibration, seed, calibration_spec)
+    output = workspace() / "checkpoints" / key
+    done = output / "stage.json"
+    if done.exists():
+        saved = json.loads(done.read_text())
+        log.info("stage %s: reusing %s", stage.name, output)
+        return StageResult(
+            name=stage.name,
+            checkpoint=CheckpointRef(path=str(output), sha256=saved["sha256"], kind=source.kind),
+            seconds=saved["seconds"], metrics=saved["metrics"], reused=True,
+        )
+    start = time.perf_counter()
+    torch.manual_seed(seed)
+    loaded = load_compressed(source.path)
+    batches = []
+    if calibration is not None and calibration_spec is not None:
+        batches = list(tokenized_batches(
+            read_texts(calibration), loaded.tokenizer,
+            batch_size=calibration_spec.batch_size, max_length=calibration_spec.max_length,
+        ))
+    steps = [CATALOG.build(config) for config in stage.steps]
+    reports = run_stage_steps(
+        loaded.model, steps, batches, progress=lambda m: log.info("stage %s: %s", stage.name, m)
+    )
+    metrics: dict[str, float] = {}
+    for index, report in enumerate(reports):
+        label = f"{index}.{report.kind}"
+        metrics |= {f"{label}.{name}": value for name, value in report.metrics.items()}
+        for module, values in report.per_module.items():
+            metrics |= {f"{label}.{module}.{name}": value for name, value in values.items()}
+    seconds = time.perf_counter() - start
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=output.parent) as scratch:
+        staging = Path(scratch) / "model"
+        save_compressed(loaded.model, loaded.tokenizer, loaded.kind, staging,
+                        metadata={"stage": stage.name, "source_sha256": source.sha256})
+        digest = folder_sha256(staging)
+        (staging / "stage.json").write_text(
+            json.dumps({"sha256": digest, "seconds": seconds, "metrics": metrics})
+        )
+        if output.exists():  # a crashed earlier attempt left an incomplete folder
+            shutil.rmtree(output)
+        staging.rename(output)
+    log.info("stage %s done in %.1f s", stage.name, seconds)
+    return StageResult(
+        name=stage.name,
+        checkpoint=CheckpointRef(path=str(output), sha256=digest, kind=source.kind),
+        seconds=seconds, metrics=metrics, reused=False,
+    )
+
+
+@task(name="evaluate", cache_policy=NONE)
+def evaluate_candidate(
+    base: CheckpointRef, candidate: CheckpointRef, data: DataRef, settings: EvaluationSettings
+) -> EvaluationReport:
+    return evaluate(
+        Path(base.path), Path(candidate.path), read_texts(data), settings,
+        progress=lambda message: log.info(message),
+    )
+
+
+@task(name="check-gates", cache_policy=NONE)
+def gate_results(gates: tuple[Gate, ...], metrics: dict[str, float]) -> list[GateResult]:
+    return check_gates(list(gates), metrics)
+
+
+@task(name="register", cache_policy=NONE)
+def register(record: RunRecord) -> RegisteredVersion:
+    return log_and_register(record)
