@@ -133,10 +133,11 @@ def download_model(uri: str, tracking_uri: str | None = None) -> Path:
     """The compressed model folder of `models:/NAME@alias` (or /VERSION), downloaded."""
     connect(tracking_uri)
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
-    folder = local / "artifacts" / ARTIFACT_KEY
-    if not folder.exists():
+    description = yaml.safe_load((local / "MLmodel").read_text())
+    artifacts = description.get("flavors", {}).get("python_function", {}).get("artifacts", {})
+    if ARTIFACT_KEY not in artifacts:
         raise FileNotFoundError(f"{uri} holds no squeezeflow model folder")
-    return folder
+    return local / artifacts[ARTIFACT_KEY]["path"]
 
 
 def flatten(value: Any, prefix: str = "") -> dict[str, str]:

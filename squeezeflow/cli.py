@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Annotated
@@ -82,24 +83,34 @@ def run(
 def list_versions(
     model_name: Annotated[str | None, typer.Argument(help="registered model name")] = None,
     tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
 ) -> None:
     """Registered versions with their aliases and headline metrics."""
     apply_defaults()
     from squeezeflow.registry.runs import list_versions as versions
 
     rows = versions(model_name, tracking_uri)
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
     if not rows:
         console.print("no registered versions")
         return
-    headline = ("fidelity_cosine", "perplexity", "compression_ratio", "speedup", "latency_p50_ms",
-                "weights_mb")
-    table = Table("model", "version", "aliases", "gate", "recipe", *headline)
+    table = Table("model", "v", "aliases", "gate", "quality", "ratio", "speedup", "MB")
+    table.columns[0].no_wrap = True
     for row in rows:
         metrics = row["metrics"]
+        if "fidelity_cosine" in metrics:
+            quality = f"cos {metrics['fidelity_cosine']:.4f}"
+        elif "perplexity" in metrics:
+            quality = f"ppl {metrics['perplexity']:.3f}"
+        else:
+            quality = "-"
         table.add_row(
             row["name"], str(row["version"]), ", ".join(row["aliases"]) or "-",
-            row["tags"].get("gate", "-"), row["tags"].get("squeezeflow.recipe", "-"),
-            *(f"{metrics[m]:.4g}" if m in metrics else "-" for m in headline),
+            row["tags"].get("gate", "-"), quality,
+            *(f"{metrics[m]:.2f}" if m in metrics else "-"
+              for m in ("compression_ratio", "speedup", "weights_mb")),
         )
     console.print(table)
 

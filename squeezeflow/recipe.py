@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, SerializeAsAny, ValidationError, field_validator, model_validator
 
 from squeezeflow.compression.catalog import CATALOG, UnknownStepError
 from squeezeflow.compression.config import StepConfig, StrictModel, format_validation_error
@@ -59,7 +59,8 @@ class DataSpec(StrictModel):
 
 class StageSpec(StrictModel):
     name: str = Field(pattern=r"^[A-Za-z0-9_-]+$")
-    steps: tuple[StepConfig, ...] = Field(min_length=1)
+    # SerializeAsAny: dump each step with its own fields, not only the base class's
+    steps: tuple[SerializeAsAny[StepConfig], ...] = Field(min_length=1)
 
     @field_validator("steps", mode="before")
     @classmethod

@@ -64,8 +64,16 @@ def qparams(W: Tensor, bits: int, symmetric: bool) -> tuple[Tensor, Tensor]:
         zero = torch.round(-wmin / scale.clamp(min=torch.finfo(torch.float32).tiny))
     # An all-zero row would give scale 0 and codes of NaN; any positive scale is exact there.
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    scale = scale.to(SCALE_DTYPE).to(torch.float32)  # what is stored is what is used
+    scale = _round_up_to_stored(scale)  # what is stored is what is used
     return scale, zero.clamp(0, maxq)
+
+
+def _round_up_to_stored(scale: Tensor) -> Tensor:
+    """The smallest fp16 value >= scale, so that the grid still spans the range."""
+    stored = scale.to(SCALE_DTYPE)
+    up = torch.nextafter(stored, torch.full_like(stored, float("inf")))
+    stored = torch.where(stored.to(torch.float32) < scale, up, stored)
+    return stored.to(torch.float32)
 
 
 def quantize_codes(W: Tensor, scale: Tensor, zero: Tensor, bits: int) -> Tensor:

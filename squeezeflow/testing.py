@@ -1,0 +1,129 @@
+"""Tiny models and data made on the spot, for tests and benchmarks (no hub access).
+
+- `word_tokenizer`: a word-level tokenizer over the sample-data vocabulary;
+- `tiny_llama` / `tiny_bert`: models built from configs, optionally trained for a
+  few seconds on generated sentences so that compression error is measurable;
+- `save_model`: write a model + tokenizer as a standard HF folder.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from transformers import (
+    BertConfig,
+    BertModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+)
+
+from squeezeflow import sampledata
+
+SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "<s>", "</s>"]
+
+
+def vocabulary() -> list[str]:
+    words: set[str] = set()
+    for group in (sampledata.SUBJECTS, sampledata.VERBS, sampledata.OBJECTS, sampledata.PLACES,
+                  sampledata.REASONS, sampledata.TEMPLATES):
+        for phrase in group:
+            words.update(re.findall(r"\w+|[^\w\s]", phrase.replace("{", " ").replace("}", " ")))
+    words |= {w.capitalize() for w in words}
+    return SPECIALS + sorted(words)
+
+
+def word_tokenizer(kind: str) -> PreTrainedTokenizerFast:
+    """Word-level tokenizer; encoders get [CLS] ... [SEP], causal LMs get <s> ...."""
+    vocab = {word: index for index, word in enumerate(vocabulary())}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()  # type: ignore[assignment]
+    if kind == "encoder":
+        backend.post_processor = processors.TemplateProcessing(  # type: ignore[assignment]
+            single="[CLS] $A [SEP]", special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])]
+        )
+        return PreTrainedTokenizerFast(
+            tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+            sep_token="[SEP]", mask_token="[MASK]",
+        )
+    backend.post_processor = processors.TemplateProcessing(  # type: ignore[assignment]
+        single="<s> $A", special_tokens=[("<s>", vocab["<s>"])]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]", bos_token="<s>",
+        eos_token="</s>",
+    )
+
+
+def tiny_llama(
+    hidden: int = 64, layers: int = 2, heads: int = 4, intermediate: int = 128, seed: int = 0
+) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
+    tokenizer = word_tokenizer("causal-lm")
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=intermediate,
+        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+        max_position_embeddings=128, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False,
+    )
+    config.architectures = ["LlamaForCausalLM"]
+    return LlamaForCausalLM(config).eval(), tokenizer
+
+
+def tiny_bert(
+    hidden: int = 64, layers: int = 2, heads: int = 4, intermediate: int = 128, seed: int = 0
+) -> tuple[BertModel, PreTrainedTokenizerFast]:
+    tokenizer = word_tokenizer("encoder")
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=intermediate,
+        num_hidden_layers=layers, num_attention_heads=heads, max_position_embeddings=128,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    config.architectures = ["BertModel"]
+    return BertModel(config, add_pooling_layer=False).eval(), tokenizer
+
+
+def train_causal_lm(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerFast,
+    steps: int = 150,
+    batch_size: int = 16,
+    lr: float = 3e-3,  # high for a tiny model; converges in ~150 steps on sample data
+    seed: int = 0,
+) -> float:
+    """Train on generated sentences; returns the final training loss."""
+    texts = sampledata.sentences(steps * batch_size, seed=seed + 100)
+    torch.manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    model.train()
+    loss = torch.tensor(0.0)
+    for step in range(steps):
+        batch = tokenizer(
+            texts[step * batch_size : (step + 1) * batch_size], padding=True, return_tensors="pt"
+        )
+        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+        loss = model(**batch, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    return float(loss.detach())
+
+
+def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def write_texts(path: Path, count: int, seed: int) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(sampledata.sentences(count, seed=seed)) + "\n")
+    return path

@@ -1,0 +1,84 @@
+"""Shared fixtures: quiet environment, one Prefect test server per session, a
+migrated MLflow store template copied per test, tiny models made on the spot."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+
+
+@pytest.fixture(scope="session")
+def session_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("session")
+
+
+@pytest.fixture(scope="session")
+def prefect_server(session_dir: Path) -> Iterator[None]:
+    """One temporary Prefect API server for the whole session (15-25 s to start)."""
+    os.environ["PREFECT_HOME"] = str(session_dir / "prefect")
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="session")
+def mlflow_template(session_dir: Path) -> Path:
+    """A migrated, empty MLflow SQLite store; copying it beats migrating (~5 s) per test."""
+    from mlflow import MlflowClient
+
+    path = session_dir / "template-mlflow.db"
+    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture
+def workdir(tmp_path: Path, mlflow_template: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh working directory with its own MLflow store and squeezeflow workspace."""
+    shutil.copy(mlflow_template, tmp_path / "mlflow.db")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("SQUEEZEFLOW_HOME", str(tmp_path / ".squeezeflow"))
+    return tmp_path
+
+
+@pytest.fixture(scope="session")
+def trained_llama_dir(session_dir: Path) -> Path:
+    """A tiny Llama trained for a few seconds on generated sentences."""
+    from squeezeflow.testing import save_model, tiny_llama, train_causal_lm
+
+    model, tokenizer = tiny_llama(hidden=64, layers=2, intermediate=128)
+    train_causal_lm(model, tokenizer, steps=150)
+    return save_model(model, tokenizer, session_dir / "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(session_dir: Path) -> Path:
+    from squeezeflow.testing import save_model, tiny_bert
+
+    model, tokenizer = tiny_bert(hidden=64, layers=2, intermediate=128)
+    return save_model(model, tokenizer, session_dir / "tiny-bert")
+
+
+@pytest.fixture(scope="session")
+def text_files(session_dir: Path) -> dict[str, Path]:
+    from squeezeflow.testing import write_texts
+
+    return {
+        "calibration": write_texts(session_dir / "data" / "calibration.txt", 64, seed=11),
+        "evaluation": write_texts(session_dir / "data" / "evaluation.txt", 64, seed=12),
+    }
