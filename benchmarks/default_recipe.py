@@ -22,6 +22,7 @@ from squeezeflow.compression.models import resolve_source
 from squeezeflow.compression.runners import run_stage_steps
 from squeezeflow.evaluation.suite import LatencySettings, evaluate
 from squeezeflow.recipe import load_recipe
+from squeezeflow.settings import apply_defaults, quiet_progress_bars
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,6 +32,8 @@ def main() -> None:
     parser.add_argument("recipe", nargs="?", default=str(ROOT / "recipes" / "default.yaml"))
     parser.add_argument("--repeats", type=int, default=30)
     args = parser.parse_args()
+    apply_defaults()
+    quiet_progress_bars()
 
     recipe = load_recipe(args.recipe)
     if recipe.needs_calibration():

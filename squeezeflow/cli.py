@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
 
-from squeezeflow.settings import apply_defaults
+from squeezeflow.settings import apply_defaults, quiet_progress_bars
 
 app = typer.Typer(add_completion=False, help="Declarative model compression workflows.")
 console = Console()
@@ -53,6 +53,7 @@ def run(
     """Run a recipe: compress, evaluate against the base, register the version."""
     recipe = _load_or_exit(recipe_path)
     apply_defaults()
+    quiet_progress_bars()
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(message)s",

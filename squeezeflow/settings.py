@@ -27,3 +27,10 @@ def apply_defaults() -> None:
         os.environ.setdefault(key, value)
     # Keep Prefect's local state in the project, not in ~/.prefect.
     os.environ.setdefault("PREFECT_HOME", str(Path.cwd() / ".prefect"))
+
+
+def quiet_progress_bars() -> None:
+    """Hide transformers' per-load progress bars (the CLI and benchmarks show their own)."""
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
