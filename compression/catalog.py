@@ -50,6 +50,10 @@ class Catalog:
             raise ValueError(f"step kind {kind!r} is already registered by {existing}")
         self._entries[kind] = CatalogEntry(kind, config_cls, step_cls)
 
+    def remove(self, kind: str) -> None:
+        """Unregister `kind` (plugins reloading, tests registering a temporary step)."""
+        self._entries.pop(kind, None)
+
     def kinds(self) -> list[str]:
         self._load_builtin_and_plugins()
         return sorted(self._entries)

@@ -40,13 +40,17 @@ class CompressResult(BaseModel):
 
 
 @flow(name="compress", log_prints=False)
-def compress(recipe_path: str) -> CompressResult:
-    """Run the recipe at `recipe_path` and register the compressed model."""
+def compress(recipe_path: str, use_cache: bool = True) -> CompressResult:
+    """Run the recipe at `recipe_path` and register the compressed model.
+
+    Stages whose inputs are unchanged since an earlier run are reused from the
+    workspace unless `use_cache` is False.
+    """
     recipe = load_recipe(recipe_path)
-    return compress_recipe(recipe)
+    return compress_recipe(recipe, use_cache=use_cache)
 
 
-def compress_recipe(recipe: Recipe) -> CompressResult:
+def compress_recipe(recipe: Recipe, use_cache: bool = True) -> CompressResult:
     base = materialize_model(recipe.model)
     calibration = (
         materialize_data(recipe.calibration)
@@ -58,7 +62,9 @@ def compress_recipe(recipe: Recipe) -> CompressResult:
     current = base
     stages: list[StageResult] = []
     for stage in recipe.stages:
-        result = run_stage(stage, current, calibration, recipe.calibration, recipe.seed)
+        result = run_stage(
+            stage, current, calibration, recipe.calibration, recipe.seed, use_cache=use_cache
+        )
         stages.append(result)
         current = result.checkpoint
 

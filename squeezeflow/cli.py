@@ -49,6 +49,9 @@ def validate(recipe_path: RecipeArg) -> None:
 def run(
     recipe_path: RecipeArg,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug logging")] = False,
+    no_cache: Annotated[
+        bool, typer.Option("--no-cache", help="recompute every stage, even unchanged ones")
+    ] = False,
 ) -> None:
     """Run a recipe: compress, evaluate against the base, register the version."""
     recipe = _load_or_exit(recipe_path)
@@ -64,8 +67,11 @@ def run(
     from squeezeflow.flows.compress import compress
 
     with console.status(f"running {recipe.name}", spinner="dots"):
-        result = compress(str(recipe_path))
+        result = compress(str(recipe_path), use_cache=not no_cache)
     version = result.registered
+    reused = [stage.name for stage in result.stages if stage.reused]
+    if reused:
+        console.print(f"cached stages reused: {', '.join(reused)}")
     console.print(
         f"[green]registered[/] {version.model_name} version {version.version} "
         f"(run {version.run_id}) in {version.tracking_uri}"

@@ -87,14 +87,21 @@ def run_stage(
     calibration: DataRef | None,
     calibration_spec: DataSpec | None,
     seed: int,
+    use_cache: bool = True,
 ) -> StageResult:
-    """Apply one stage to `source`; the output folder is written whole or not at all."""
+    """Apply one stage to `source`; the output folder is written whole or not at all.
+
+    The folder is named by the content hash of everything the stage depends on
+    (input checkpoint, stage config, calibration data, seed, code version), so an
+    unchanged stage is reused instead of recomputed, also after a crash in a later
+    stage; `use_cache=False` recomputes and replaces it.
+    """
     key = stage_key(stage, source, calibration, seed, calibration_spec)
     output = workspace() / "checkpoints" / key
     done = output / "stage.json"
-    if done.exists():
+    if use_cache and done.exists():
         saved = json.loads(done.read_text())
-        log.info("stage %s: reusing %s", stage.name, output)
+        log.info("stage %s: cached, reusing %s", stage.name, output)
         return StageResult(
             name=stage.name,
             checkpoint=CheckpointRef(path=str(output), sha256=saved["sha256"], kind=source.kind),

@@ -51,8 +51,13 @@ def workdir(tmp_path: Path, mlflow_template: Path, monkeypatch: pytest.MonkeyPat
     """A fresh working directory with its own MLflow store and squeezeflow workspace."""
     shutil.copy(mlflow_template, tmp_path / "mlflow.db")
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("SQUEEZEFLOW_HOME", str(tmp_path / ".squeezeflow"))
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)  # a URI set by an earlier test would win over the env var
+    mlflow.set_registry_uri(uri)
     return tmp_path
 
 
