@@ -34,6 +34,7 @@ from squeezeflow.compression.models import (
 from squeezeflow.compression.quantization.qweight import (
     QUANTIZED_ATTR,
     QuantizedWeight,
+    as_stored,
     current_quantized,
     group_index,
     pack_bits,
@@ -132,7 +133,7 @@ def load_compressed(path: str | Path) -> LoadedModel:
         modules = dict(model.named_modules())
         for name, spec in description["quantized"].items():
             quantized = _unpack(name, spec, stored, names)
-            assign(f"{name}.weight", quantized.dequantize())
+            assign(f"{name}.weight", as_stored(modules[name], quantized.dequantize()))
             setattr(modules[name], QUANTIZED_ATTR, quantized)
         for name in sorted(names):
             assign(name, stored.get_tensor(name))

@@ -114,15 +114,27 @@ def unpack_bits(packed: Tensor, bits: int, shape: tuple[int, ...]) -> Tensor:
 QUANTIZED_ATTR = "squeezeflow_qweight"  # attribute carrying a Linear's QuantizedWeight
 
 
-def attach(module: torch.nn.Linear, quantized: QuantizedWeight) -> Tensor:
+def stores_transposed(module: torch.nn.Module) -> bool:
+    """GPT-2's `Conv1D` keeps its weight as (in, out), the transpose of nn.Linear's."""
+    return type(module).__name__ == "Conv1D"
+
+
+def as_stored(module: torch.nn.Module, W: Tensor) -> Tensor:
+    """W: (out, in) in the module's own weight layout (and back: the map is its own inverse)."""
+    return W.T if stores_transposed(module) else W
+
+
+def attach(module: torch.nn.Module, quantized: QuantizedWeight) -> Tensor:
     """Replace the module's weight by its dequantized value and remember the codes.
 
-    Returns the dequantized weight. The codes travel with the module so that saving
-    can pack them; a later step that changes the weight makes them stale, and the
-    artifact writer then stores the weight dense (see `current_quantized`).
+    Returns the dequantized weight (out, in). The codes travel with the module so that
+    saving can pack them; a later step that changes the weight makes them stale, and
+    the artifact writer then stores the weight dense (see `current_quantized`).
     """
-    W_hat = quantized.dequantize(module.weight.dtype)
-    module.weight.data.copy_(W_hat)
+    weight = module.weight
+    assert isinstance(weight, Tensor)
+    W_hat = quantized.dequantize(weight.dtype)
+    weight.data.copy_(as_stored(module, W_hat))
     setattr(module, QUANTIZED_ATTR, quantized)
     return W_hat
 
@@ -133,6 +145,6 @@ def current_quantized(module: torch.nn.Module) -> QuantizedWeight | None:
     weight = getattr(module, "weight", None)
     if quantized is None or weight is None:
         return None
-    if not torch.equal(quantized.dequantize(weight.dtype), weight.detach()):
+    if not torch.equal(as_stored(module, quantized.dequantize(weight.dtype)), weight.detach()):
         return None
     return quantized
