@@ -122,5 +122,72 @@ def list_versions(
     console.print(table)
 
 
+EXIT_NOT_PROMOTED = 3  # gates were checked and no candidate passed them all
+
+
+@app.command()
+def promote(
+    model_name: Annotated[str, typer.Argument(help="registered model name", show_default=False)],
+    recipe_path: Annotated[
+        Path | None, typer.Option("--recipe", help="take gates from this recipe's promotion:")
+    ] = None,
+    version: Annotated[str | None, typer.Option(help="consider only this version")] = None,
+    alias: Annotated[
+        str | None, typer.Option(help="consider only the version holding this alias")
+    ] = None,
+    max_quality_drop: Annotated[float | None, typer.Option(help="e.g. 0.01 = 1% worse")] = None,
+    min_speedup: Annotated[float | None, typer.Option(help="latency speed-up over base")] = None,
+    max_size_mb: Annotated[float | None, typer.Option(help="weights on disk")] = None,
+    max_latency_ms: Annotated[float | None, typer.Option(help="p50 latency")] = None,
+    rollback: Annotated[
+        bool, typer.Option("--rollback", help="restore the previous champion")
+    ] = False,
+    tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI")] = None,
+) -> None:
+    """Move the `champion` alias to the best candidate passing every gate (or roll back).
+
+    Exit codes: 0 promoted (or rolled back), 3 no candidate passed, 2 refused.
+    """
+    apply_defaults()
+    from squeezeflow.evaluation.gates import PromotionGates
+    from squeezeflow.registry.promotion import PromotionError
+    from squeezeflow.registry.promotion import promote as run_promotion
+    from squeezeflow.registry.promotion import rollback as run_rollback
+
+    try:
+        if rollback:
+            outcome = run_rollback(model_name, tracking_uri)
+            console.print(f"[green]rolled back[/] {model_name}: champion is version "
+                          f"{outcome.champion} again (was {outcome.previous_champion})")
+            return
+        gates = _load_or_exit(recipe_path).promotion if recipe_path else PromotionGates()
+        gates = gates.merged(PromotionGates(
+            max_quality_drop=max_quality_drop, min_speedup=min_speedup,
+            max_size_mb=max_size_mb, max_latency_ms=max_latency_ms,
+        ))
+        outcome = run_promotion(model_name, gates, version=version, alias=alias,
+                                tracking_uri=tracking_uri)
+    except PromotionError as error:
+        errors.print(f"[bold red]promotion refused[/]: {error}", highlight=False)
+        raise typer.Exit(EXIT_INVALID) from None
+    table = Table("version", "result", "gates")
+    for decision in outcome.decisions:
+        verdict = ("[green]promoted[/]" if decision.version == outcome.champion and outcome.promoted
+                   else "passed" if decision.passed else "[red]rejected[/]")
+        gates_text = "; ".join(
+            f"{'ok' if r.passed else 'FAIL'} {r.gate} "
+            f"({'missing' if r.value is None else f'{r.value:.4g}'})"
+            for r in decision.results
+        )
+        table.add_row(decision.version, verdict, gates_text)
+    console.print(table)
+    if not outcome.promoted:
+        console.print(f"no candidate passed every gate; champion stays "
+                      f"{outcome.previous_champion or '(none)'}")
+        raise typer.Exit(EXIT_NOT_PROMOTED)
+    console.print(f"[green]champion[/] of {model_name} is now version {outcome.champion} "
+                  f"(was {outcome.previous_champion or 'none'})")
+
+
 if __name__ == "__main__":
     app()

@@ -31,7 +31,7 @@ from pydantic import Field, SerializeAsAny, ValidationError, field_validator, mo
 from squeezeflow.compression.catalog import CATALOG, UnknownStepError
 from squeezeflow.compression.config import StepConfig, StrictModel, format_validation_error
 from squeezeflow.compression.step import Needs
-from squeezeflow.evaluation.gates import Gate
+from squeezeflow.evaluation.gates import Gate, PromotionGates
 from squeezeflow.evaluation.suite import KNOWN_METRICS, EvaluationSettings
 
 MODEL_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -116,6 +116,7 @@ class Recipe(StrictModel):
     stages: tuple[StageSpec, ...] = Field(min_length=1)
     gates: tuple[Gate, ...] = ()
     registration: RegistrationSpec
+    promotion: PromotionGates = PromotionGates()  # used by `squeeze promote --recipe`
 
     @model_validator(mode="after")
     def _consistent(self) -> Recipe:
