@@ -6,9 +6,12 @@ naming the key and the valid ones, so a YAML typo fails before any weights load.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 
 class StrictModel(BaseModel):
@@ -42,6 +45,16 @@ class StepConfig(StrictModel):
 
     # Set by subclasses for the catalog's error messages; not a field.
     summary: ClassVar[str] = ""
+
+    def check_model(self, config: PretrainedConfig) -> PretrainedConfig:
+        """Check this step against the model's config.json (no weights are loaded).
+
+        Raise ValueError starting with the offending field's name when the model
+        cannot meet the config (e.g. `remove: 5 blocks but the model has 4`).
+        Return the config as the model will be after this step, so that checks of
+        later steps see it (a step that changes no shape returns `config` as is).
+        """
+        return config
 
 
 def format_validation_error(error: ValidationError, prefix: str = "") -> str:

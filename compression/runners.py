@@ -47,6 +47,11 @@ def run_stage_steps(
     if unsupported:
         names = ", ".join(sorted(n.value for n in unsupported))
         raise ValueError(f"no runner for steps that need {names}")
+    structural = [step.config.kind for step in steps if step.changes_structure]
+    if structural and len(steps) > 1:
+        raise ValueError(
+            f"{structural[0]} changes the model's structure and must be the only step of its stage"
+        )
     if needs & {Needs.CALIBRATION, Needs.LAYERWISE} and not calibration:
         raise ValueError("this stage has steps that need calibration data, and none was given")
     with torch.no_grad():
@@ -71,7 +76,9 @@ def run_basic(
     reports = []
     for step, modules in zip(steps, selected, strict=True):
         _tell(progress, f"applying {step.config.kind} to {len(modules)} modules")
-        reports.append(step.finalize(model, [step.apply(modules)]))
+        report = step.apply(modules)
+        step.restructure(model)
+        reports.append(step.finalize(model, [report]))
     return reports
 
 

@@ -50,6 +50,9 @@ class Step(Generic[ConfigT]):
     """Base class of every registered step."""
 
     needs: ClassVar[Needs] = Needs.NOTHING
+    # True for steps that remove, shrink, replace or tie modules (depth, heads, low-rank):
+    # they run alone in their stage, so no other step holds modules that disappear.
+    changes_structure: ClassVar[bool] = False
 
     def __init__(self, config: ConfigT) -> None:
         self.config = config
@@ -75,6 +78,13 @@ class Step(Generic[ConfigT]):
 
     def apply(self, modules: dict[str, nn.Module]) -> StepReport:
         raise NotImplementedError
+
+    def restructure(self, model: nn.Module) -> None:
+        """Change the model's structure after every `apply`; the default changes nothing.
+
+        `apply` decides (and may zero what goes away); `restructure` removes blocks,
+        shrinks matrices, replaces modules and updates `model.config` to match.
+        """
 
     def finalize(self, model: nn.Module, reports: list[StepReport]) -> StepReport:
         """Summarize per-block reports into one report for the whole model."""

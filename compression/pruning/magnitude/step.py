@@ -1,8 +1,10 @@
-"""`magnitude`: unstructured pruning of the smallest-magnitude weights per layer.
+"""`magnitude`: unstructured or N:M pruning of the smallest-magnitude weights per layer.
 
 ```yaml
 - kind: magnitude
   sparsity: 0.5      # fraction of each Linear's weights set to zero, in [0, 1)
+- kind: magnitude
+  pattern: "2:4"     # N:M instead: keep the 2 largest of every 4 consecutive input weights
 ```
 """
 
@@ -11,18 +13,16 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import Field
 from torch import nn
 
 from squeezeflow.compression.catalog import register_step
-from squeezeflow.compression.config import StepConfig
 from squeezeflow.compression.pruning.magnitude.math import magnitude_mask
+from squeezeflow.compression.pruning.sparsity import SparsityConfig, nm_mask
 from squeezeflow.compression.step import Needs, Step, StepReport
 
 
-class MagnitudeConfig(StepConfig):
+class MagnitudeConfig(SparsityConfig):
     kind: Literal["magnitude"] = "magnitude"
-    sparsity: float = Field(0.5, ge=0.0, lt=1.0)  # 0.5 is where dense kernels stop paying off
 
 
 @register_step(MagnitudeConfig)
@@ -34,7 +34,11 @@ class MagnitudeStep(Step[MagnitudeConfig]):
         for name, module in modules.items():
             assert isinstance(module, nn.Linear)
             W = module.weight.detach()  # W: (out, in)
-            mask = magnitude_mask(W, self.config.sparsity)
+            n_m = self.config.n_m
+            if n_m is None:
+                mask = magnitude_mask(W, self.config.sparsity)
+            else:
+                mask = nm_mask(W.abs(), *n_m)
             with torch.no_grad():
                 module.weight.mul_(mask)
             per_module[name] = {"sparsity": float((module.weight == 0).float().mean())}
