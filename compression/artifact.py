@@ -7,7 +7,10 @@ Layout of a saved folder:
   `NAME.qzeros` (zero points bit-packed) and, only when columns were reordered,
   `NAME.g_idx`;
 - `squeezeflow.json`: the format version, the model kind and, per quantized
-  Linear, its bits, shape, group size and symmetry.
+  Linear, its bits, shape, group size and symmetry; `tied`: tensors stored once
+  and shared (loading makes the modules share one Parameter again); `factorized`:
+  Linears replaced by two thin ones (`FactorizedLinear`) and their rank, rebuilt
+  before the weights load.
 A folder without `squeezeflow.json` is a plain HF model and loads as one.
 """
 
@@ -24,6 +27,7 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoConfig, PreTrainedModel, PreTrainedTokenizerBase
 
+from squeezeflow.compression.lowrank.factorized import FactorizedLinear, factorize_modules
 from squeezeflow.compression.models import (
     LoadedModel,
     ModelKind,
@@ -97,6 +101,10 @@ def save_compressed(
         "kind": kind,
         "quantized": quantized_specs,
         "tied": tied,
+        "factorized": {
+            name: module.rank for name, module in model.named_modules()
+            if isinstance(module, FactorizedLinear)
+        },
         "metadata": metadata or {},
     }
     (path / FORMAT_FILE).write_text(json.dumps(description, indent=2, sort_keys=True))
@@ -117,6 +125,7 @@ def load_compressed(path: str | Path) -> LoadedModel:
     kind: ModelKind = description["kind"]
     config = AutoConfig.from_pretrained(path)
     model = model_class(kind).from_config(config, dtype=torch.float32)
+    factorize_modules(model, description.get("factorized", {}))
     params = dict(model.state_dict(keep_vars=True))
     loaded: set[str] = set()
 
@@ -138,8 +147,7 @@ def load_compressed(path: str | Path) -> LoadedModel:
         for name in sorted(names):
             assign(name, stored.get_tensor(name))
     for name, source in description["tied"].items():
-        if params[name].data_ptr() != params[source].data_ptr():
-            assign(name, params[source].detach())
+        _tie(model, name, source)
         loaded.add(name)
     missing = set(params) - loaded - _non_persistent(model)
     if missing:
@@ -196,6 +204,18 @@ def _unpack(name: str, spec: dict[str, Any], stored: Any, names: set[str]) -> Qu
         group_size=spec["group_size"],
         symmetric=spec["symmetric"],
     )
+
+
+def _tie(model: nn.Module, name: str, source: str) -> None:
+    """Make parameter `name` the very Parameter object `source` (shared, stored once)."""
+    module_name, _, attribute = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    shared = model.get_parameter(source) if attribute in module._parameters else None
+    if shared is None:  # a tied buffer: copy the value
+        with torch.no_grad():
+            getattr(module, attribute).copy_(model.get_buffer(source))
+        return
+    setattr(module, attribute, shared)
 
 
 def _non_persistent(model: nn.Module) -> set[str]:

@@ -4,5 +4,12 @@ Add a new built-in step here; a third-party step registers through the
 `squeezeflow.steps` entry-point group instead.
 """
 
+from squeezeflow.compression.lowrank.svd import step as lowrank  # noqa: F401
+from squeezeflow.compression.moe.merge import step as moe_merge  # noqa: F401
+from squeezeflow.compression.pruning.depth import step as depth  # noqa: F401
 from squeezeflow.compression.pruning.magnitude import step as magnitude  # noqa: F401
+from squeezeflow.compression.pruning.sparsegpt import step as sparsegpt  # noqa: F401
+from squeezeflow.compression.pruning.structured import step as structured  # noqa: F401
+from squeezeflow.compression.pruning.wanda import step as wanda  # noqa: F401
 from squeezeflow.compression.quantization.rtn import step as rtn  # noqa: F401
+from squeezeflow.compression.sharing.blocks import step as share  # noqa: F401

@@ -127,3 +127,23 @@ def write_texts(path: Path, count: int, seed: int) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(sampledata.sentences(count, seed=seed)) + "\n")
     return path
+
+
+def tiny_mixtral(
+    hidden: int = 64, layers: int = 2, heads: int = 4, intermediate: int = 64, experts: int = 4,
+    top_k: int = 2, seed: int = 0,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    """A tiny Mixtral (mixture-of-experts causal LM) built from its config."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    tokenizer = word_tokenizer("causal-lm")
+    torch.manual_seed(seed)
+    config = MixtralConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=intermediate,
+        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+        num_local_experts=experts, num_experts_per_tok=top_k, max_position_embeddings=128,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False,
+    )
+    config.architectures = ["MixtralForCausalLM"]
+    return MixtralForCausalLM(config).eval(), tokenizer

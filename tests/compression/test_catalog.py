@@ -14,7 +14,7 @@ from torch import nn
 from squeezeflow.compression.catalog import CATALOG, Catalog, UnknownStepError
 from squeezeflow.compression.config import StepConfig
 from squeezeflow.compression.step import Needs, Step, StepReport
-from squeezeflow.testing import tiny_llama
+from squeezeflow.testing import tiny_llama, tiny_mixtral
 
 
 def test_unknown_kind_names_the_known_kinds() -> None:
@@ -42,6 +42,9 @@ def _snippets(step_cls: type) -> list[str]:
     return re.findall(r"```yaml\n(.*?)```", doc, flags=re.S)
 
 
+MOE_KINDS = {"moe_merge"}  # steps that need a mixture-of-experts model
+
+
 @pytest.mark.parametrize("kind", CATALOG.kinds())
 def test_step_contract(kind: str) -> None:
     entry = CATALOG.entry(kind)
@@ -56,20 +59,29 @@ def test_step_contract(kind: str) -> None:
     with pytest.raises(ValidationError):
         entry.config_cls.model_validate({"kind": kind, "no_such_field": 1})
     # applying it to a model changes weights, reports per module, and leaves no hooks
-    model, tokenizer = tiny_llama()
+    model, tokenizer = (tiny_mixtral if kind in MOE_KINDS else tiny_llama)()
     step = CATALOG.build(config)
     modules = step.select(model)
-    assert modules and all(isinstance(m, nn.Linear) for m in modules.values())
-    assert not any("lm_head" in name or "embed" in name for name in modules)
-    before = {name: m.weight.detach().clone() for name, m in modules.items()}
+    assert modules and not any("lm_head" in name or "embed" in name for name in modules)
     batch = tokenizer(["The robot repaired the garden fence."], return_tensors="pt")
-    with step.observe(modules):
-        if step.needs is not Needs.NOTHING:
+    if step.changes_structure:
+        # structural steps select what they observe (blocks, MoE layers, Linears), change the
+        # model in `restructure`, and the changed model still runs
+        with step.observe(modules):
             model(**batch)
-    report = step.apply(modules)
+        report = step.apply(modules)
+        step.restructure(model)
+        assert model(**batch).logits.shape[:2] == batch["input_ids"].shape
+    else:
+        assert all(isinstance(m, nn.Linear) for m in modules.values())
+        before = {name: m.weight.detach().clone() for name, m in modules.items()}
+        with step.observe(modules):
+            if step.needs is not Needs.NOTHING:
+                model(**batch)
+        report = step.apply(modules)
+        changed = [n for n, m in modules.items() if not torch.equal(m.weight, before[n])]
+        assert changed == list(modules) or kind == "magnitude" and config.sparsity == 0
     assert isinstance(report, StepReport) and report.kind == kind
     assert set(report.per_module) == set(modules)
-    changed = [n for n, m in modules.items() if not torch.equal(m.weight, before[n])]
-    assert changed == list(modules) or kind == "magnitude" and config.sparsity == 0
     for module in model.modules():
         assert not module._forward_hooks and not module._forward_pre_hooks
