@@ -1,0 +1,16 @@
+"""Packed weight formats and fast CPU ops; every op has a plain-torch reference.
+
+Imports torch only (no prefect, no mlflow, nothing from `compression`): the
+converter from quantized models lives in `compression/packed.py`.
+"""
+
+from squeezeflow.kernels.linear import (
+    DequantLinear,
+    Int4Linear,
+    Int8Linear,
+    QuantLinear,
+    W8A8Linear,
+    pack_linear,
+)
+
+__all__ = ["DequantLinear", "Int4Linear", "Int8Linear", "QuantLinear", "W8A8Linear", "pack_linear"]

@@ -1,0 +1,298 @@
+"""`QuantLinear` modules: Linear layers whose weights live packed and that call the
+packed ops of `kernels/ops.py` in forward.
+
+`pack_linear` picks the format for one quantized weight:
+
+| format | when | op |
+|---|---|---|
+| `w8a8` | 8-bit symmetric per-channel weight marked for int8 activations | `torch._int_mm`, fused per-token quantization |
+| `int8` | 8-bit, one scale per output channel, in_features % 16 == 0 | `aten._weight_int8pack_mm` (bf16 activations) |
+| `int4` | <= 4 bits, groups of a multiple of 32, out_features % 16 == 0 | `aten._weight_int4pack_mm_for_cpu` (bf16 activations) |
+| `dequant` | anything the fast ops reject | dequantize per call, fp32 F.linear |
+
+Every module also has `reference(x)`: the same product in plain fp32 torch.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from squeezeflow.kernels import ops
+from squeezeflow.kernels.reference import dequantize, w8a8_reference
+
+log = logging.getLogger(__name__)
+
+COMPUTE_DTYPE = torch.bfloat16  # weight-only ops: bf16 activations ran 2-50x faster than fp32
+
+
+class QuantLinear(nn.Module):
+    """Base class: a Linear (in_features -> out_features) with a packed weight."""
+
+    format: ClassVar[str] = ""
+
+    def __init__(
+        self, in_features: int, out_features: int, bias: Tensor | None,
+        input_scale: Tensor | None,
+    ) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.register_buffer("bias", None if bias is None else bias.detach().to(torch.float32).clone())
+        # SmoothQuant factor s the weight was multiplied by: inputs are multiplied by 1/s.
+        inv = None if input_scale is None else (1.0 / input_scale.to(torch.float32))
+        self.register_buffer("inv_input_scale", inv)
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features)  # (tokens, in)
+        y = self._matmul(x2)  # (tokens, out) fp32
+        if self.bias is not None:
+            y = y + self.bias
+        return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+
+    def _matmul(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def dequantized_weight(self) -> Tensor:
+        """W (out, in) fp32 as the layer applies it (smoothing divided back out)."""
+        raise NotImplementedError
+
+    def reference(self, x: Tensor) -> Tensor:
+        """The layer's product in plain fp32 torch, for parity tests."""
+        bias = None if self.bias is None else self.bias
+        return nn.functional.linear(x.to(torch.float32), self.dequantized_weight(), bias)
+
+    def _smoothed(self, x: Tensor) -> Tensor:
+        return x if self.inv_input_scale is None else x * self.inv_input_scale
+
+    def _unsmoothed(self, W: Tensor) -> Tensor:
+        return W if self.inv_input_scale is None else W * self.inv_input_scale
+
+    def extra_repr(self) -> str:
+        smoothed = ", smoothed" if self.inv_input_scale is not None else ""
+        return f"{self.in_features} -> {self.out_features}, format={self.format}{smoothed}"
+
+
+class Int8Linear(QuantLinear):
+    """int8 weight per output channel; `aten._weight_int8pack_mm` with bf16 activations.
+
+    Codes c in [0, 255] with zero z are stored shifted, c' = c - 128 in int8, so
+    y = s * (x @ c'.T) - s * (z - 128) * sum(x): the second term vanishes for
+    symmetric weights (z = 128) and is kept as `offset` otherwise.
+    """
+
+    format = "int8"
+
+    def __init__(
+        self, codes: Tensor, scale: Tensor, zero: Tensor, bias: Tensor | None,
+        input_scale: Tensor | None = None, compute_dtype: torch.dtype = COMPUTE_DTYPE,
+    ) -> None:
+        out_features, in_features = codes.shape
+        super().__init__(in_features, out_features, bias, input_scale)
+        self.compute_dtype = compute_dtype
+        s = scale.to(torch.float32).reshape(-1)  # (out,)
+        z = zero.to(torch.float32).reshape(-1) - 128  # (out,)
+        self.register_buffer("weight", (codes.to(torch.int16) - 128).to(torch.int8).contiguous())
+        self.register_buffer("scales", s.to(compute_dtype))
+        self.register_buffer("offset", (s * z) if bool((z != 0).any()) else None)
+
+    def _matmul(self, x: Tensor) -> Tensor:
+        x = self._smoothed(x).to(self.compute_dtype)
+        y = ops.int8_weight_only_mm(x, self.weight, self.scales).to(torch.float32)
+        if self.offset is not None:
+            y = y - x.to(torch.float32).sum(dim=-1, keepdim=True) * self.offset
+        return y
+
+    def dequantized_weight(self) -> Tensor:
+        s = self.scales.to(torch.float32)[:, None]  # (out, 1)
+        W = s * self.weight.to(torch.float32)
+        if self.offset is not None:
+            W = W - self.offset[:, None]
+        return self._unsmoothed(W)
+
+
+class Int4Linear(QuantLinear):
+    """Grouped int4 weight (2- and 3-bit codes fit too); `_weight_int4pack_mm_for_cpu`.
+
+    Columns reordered by act-order quantization (g_idx not ascending) are put back
+    in group order once at packing; the input is then permuted the same way per call.
+    """
+
+    format = "int4"
+
+    def __init__(
+        self, codes: Tensor, scale: Tensor, zero: Tensor, group_size: int,
+        bias: Tensor | None, perm: Tensor | None = None, input_scale: Tensor | None = None,
+        compute_dtype: torch.dtype = COMPUTE_DTYPE,
+    ) -> None:
+        out_features, in_features = codes.shape
+        super().__init__(in_features, out_features, bias, input_scale)
+        self.compute_dtype = compute_dtype
+        if perm is not None:
+            codes = codes[:, perm]  # (out, in) in group order
+        packed, scales_and_zeros, op_group = ops.int4_pack(codes, scale, zero, group_size, compute_dtype)
+        self.op_group = op_group
+        self.register_buffer("weight", packed)
+        self.register_buffer("scales_and_zeros", scales_and_zeros)
+        self.register_buffer("perm", perm)
+        # kept for `dequantized_weight` only: the aten packing is opaque
+        self.register_buffer("_codes", codes.to(torch.uint8), persistent=False)
+
+    def _matmul(self, x: Tensor) -> Tensor:
+        x = self._smoothed(x)
+        if self.perm is not None:
+            x = x[:, self.perm]
+        x = x.to(self.compute_dtype)
+        return ops.int4_mm(x, self.weight, self.op_group, self.scales_and_zeros).to(torch.float32)
+
+    def dequantized_weight(self) -> Tensor:
+        s = self.scales_and_zeros[..., 0].to(torch.float32).T  # (out, G')
+        offset = self.scales_and_zeros[..., 1].to(torch.float32).T  # (out, G')
+        g_idx = torch.arange(self.in_features) // self.op_group  # (in,)
+        W = s[:, g_idx] * (self._codes.to(torch.float32) - ops.INT4_CODE_OFFSET) + offset[:, g_idx]
+        if self.perm is not None:
+            W = W[:, torch.argsort(self.perm)]  # back to the original column order
+        return self._unsmoothed(W)
+
+
+class W8A8Linear(QuantLinear):
+    """int8 weight x int8 activations (per-token dynamic scales) via `torch._int_mm`.
+
+    `fuse=True` runs the quantize/matmul/dequantize chain through `torch.compile`
+    (one fused pass each side of the integer matmul); without a working compiler it
+    falls back to eager once, with a warning.
+    """
+
+    format = "w8a8"
+
+    def __init__(
+        self, codes: Tensor, scale: Tensor, bias: Tensor | None,
+        input_scale: Tensor | None = None, fuse: bool = True,
+    ) -> None:
+        out_features, in_features = codes.shape
+        super().__init__(in_features, out_features, bias, input_scale)
+        self.fuse = fuse
+        self.register_buffer("weight", (codes.to(torch.int16) - 128).to(torch.int8).contiguous())
+        self.register_buffer("weight_scale", scale.to(torch.float32).reshape(-1).contiguous())
+
+    def _matmul(self, x: Tensor) -> Tensor:
+        x = x.to(torch.float32)
+        weight_t = self.weight.t()  # (in, out) column-major view
+        if self.fuse:
+            try:
+                return ops.w8a8_mm_fused()(x, weight_t, self.weight_scale, self.inv_input_scale)
+            except (RuntimeError, torch._dynamo.exc.TorchDynamoException) as error:
+                log.warning("torch.compile of the W8A8 kernel failed (%s); running eager", error)
+                self.fuse = False
+        return ops.w8a8_mm(x, weight_t, self.weight_scale, self.inv_input_scale)
+
+    def dequantized_weight(self) -> Tensor:
+        return self._unsmoothed(self.weight_scale[:, None] * self.weight.to(torch.float32))
+
+    def reference(self, x: Tensor) -> Tensor:
+        """Quantizes the activations too, in float64: what the integer kernel computes."""
+        input_scale = None if self.inv_input_scale is None else 1.0 / self.inv_input_scale
+        y = w8a8_reference(x, self.weight, self.weight_scale, self.bias, input_scale)
+        return y
+
+
+class DequantLinear(QuantLinear):
+    """Fallback for shapes the fast ops reject: keep codes, dequantize on every call."""
+
+    format = "dequant"
+
+    def __init__(
+        self, codes: Tensor, scale: Tensor, zero: Tensor, g_idx: Tensor,
+        bias: Tensor | None, input_scale: Tensor | None = None,
+    ) -> None:
+        out_features, in_features = codes.shape
+        super().__init__(in_features, out_features, bias, input_scale)
+        self.register_buffer("codes", codes.to(torch.uint8).contiguous())
+        self.register_buffer("scale", scale.to(torch.float32).contiguous())
+        self.register_buffer("zero", zero.to(torch.float32).contiguous())
+        self.register_buffer("g_idx", g_idx.to(torch.int64).contiguous())
+
+    def _matmul(self, x: Tensor) -> Tensor:
+        W = dequantize(self.codes, self.scale, self.zero, self.g_idx)  # (out, in)
+        return nn.functional.linear(self._smoothed(x.to(torch.float32)), W)
+
+    def dequantized_weight(self) -> Tensor:
+        return self._unsmoothed(dequantize(self.codes, self.scale, self.zero, self.g_idx))
+
+
+def pack_linear(
+    codes: Tensor,
+    scale: Tensor,
+    zero: Tensor,
+    g_idx: Tensor,
+    bits: int,
+    bias: Tensor | None = None,
+    *,
+    activation_bits: int | None = None,
+    input_scale: Tensor | None = None,
+    compute_dtype: torch.dtype = COMPUTE_DTYPE,
+    fuse: bool = True,
+) -> QuantLinear:
+    """The fastest QuantLinear that runs this weight exactly; `DequantLinear` otherwise.
+
+    codes: (out, in) unsigned; scale, zero: (out, groups); g_idx: (in,) group of
+    each input column; input_scale: (in,) SmoothQuant factor or None.
+    """
+    out_features, in_features = codes.shape
+    groups = int(scale.shape[1])
+    rejected: list[str] = []
+    if activation_bits is not None:
+        reason = _w8a8_rejects(bits, groups, zero, activation_bits)
+        if reason is None:
+            return W8A8Linear(codes, scale, bias, input_scale, fuse=fuse)
+        rejected.append(f"w8a8: {reason}")
+    if bits == 8:
+        reason = ops.int8_rejects(out_features, in_features, groups)
+        if reason is None:
+            return Int8Linear(codes, scale, zero, bias, input_scale, compute_dtype)
+        rejected.append(f"int8: {reason}")
+    if bits <= 4:
+        perm, group_size = _group_order(g_idx, groups)
+        reason = (
+            "columns do not form equal contiguous groups" if group_size is None
+            else ops.int4_rejects(out_features, in_features, group_size)
+        )
+        if reason is None and group_size is not None:
+            return Int4Linear(codes, scale, zero, group_size, bias, perm, input_scale, compute_dtype)
+        rejected.append(f"int4: {reason}")
+    log.info(
+        "%dx%d %d-bit weight runs dequantized per call (%s)",
+        out_features, in_features, bits, "; ".join(rejected) or "no packed op for these bits",
+    )
+    return DequantLinear(codes, scale, zero, g_idx, bias, input_scale)
+
+
+def _w8a8_rejects(bits: int, groups: int, zero: Tensor, activation_bits: int) -> str | None:
+    if activation_bits != 8:
+        return f"activation_bits {activation_bits}; only 8 is supported"
+    if bits != 8 or groups != 1:
+        return f"{bits}-bit weight with {groups} groups; needs 8-bit, one scale per channel"
+    if not bool((zero == 128).all()):
+        return "asymmetric weight; torch._int_mm needs zero points of 128 (symmetric)"
+    return None
+
+
+def _group_order(g_idx: Tensor, groups: int) -> tuple[Tensor | None, int | None]:
+    """Column order that makes groups contiguous and equal-sized, and their size.
+
+    Returns (None, size) when columns are already in order, (perm, size) when a
+    permutation is needed, and (None, None) when groups are of unequal size.
+    """
+    columns = int(g_idx.numel())
+    counts = torch.bincount(g_idx, minlength=groups)
+    size = int(counts[0])
+    if groups * size != columns or not bool((counts == size).all()):
+        return None, None
+    if bool((g_idx[1:] >= g_idx[:-1]).all()):
+        return None, size
+    perm = torch.argsort(g_idx, stable=True)  # (in,)
+    return perm, size
