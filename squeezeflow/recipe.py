@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -33,6 +34,8 @@ from squeezeflow.compression.config import StepConfig, StrictModel, format_valid
 from squeezeflow.compression.step import Needs
 from squeezeflow.evaluation.gates import Gate, PromotionGates
 from squeezeflow.evaluation.suite import KNOWN_METRICS, EvaluationSettings
+
+log = logging.getLogger(__name__)
 
 MODEL_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -125,6 +128,15 @@ class Recipe(StrictModel):
         if duplicates:
             raise ValueError(f"stage names must be unique; repeated: {', '.join(duplicates)}")
         for index, stage in enumerate(self.stages):
+            structural = [
+                step.kind for step in stage.steps
+                if CATALOG.entry(step.kind).step_cls.changes_structure
+            ]
+            if structural and len(stage.steps) > 1:
+                raise ValueError(
+                    f"stages.{index}.steps: {structural[0]} changes the model's structure and "
+                    "must be the only step of its stage"
+                )
             if stage.needs() - {Needs.NOTHING} and self.calibration is None:
                 raise ValueError(
                     f"stages.{index} ({stage.name}) has steps that need calibration data; "
@@ -156,9 +168,54 @@ def parse_recipe(raw: Any, base_dir: Path | None = None) -> Recipe:
     if step_errors:
         raise RecipeError("\n".join(step_errors))
     try:
-        return Recipe.model_validate(raw)
+        recipe = Recipe.model_validate(raw)
     except ValidationError as error:
         raise RecipeError(format_validation_error(error)) from None
+    model_errors = check_steps_fit_model(recipe)
+    if model_errors:
+        raise RecipeError("\n".join(model_errors))
+    return recipe
+
+
+def check_steps_fit_model(recipe: Recipe) -> list[str]:
+    """Errors of steps the model cannot meet (too many blocks removed, a rank above a
+    width, N:M not dividing a width), read from the model's config.json only.
+
+    Each step's `check_model` sees the config as the earlier steps leave it. Nothing is
+    read unless a step of the recipe has such a check.
+    """
+    steps = [(s, i, step) for s, stage in enumerate(recipe.stages) for i, step in enumerate(stage.steps)]
+    if all(type(step).check_model is StepConfig.check_model for _, _, step in steps):
+        return []
+    try:
+        config = _model_config(recipe.model)
+    except (OSError, ValueError) as error:
+        return [f"model.source: cannot read the model's config.json: {error}"]
+    if config is None:
+        return []
+    errors = []
+    for s, i, step in steps:
+        try:
+            config = step.check_model(config)
+        except ValueError as error:
+            errors.append(f"stages.{s}.steps.{i}.{error}")
+    return errors
+
+
+def _model_config(spec: ModelSpec) -> Any:
+    """The model's config (config.json only, never weights); None for an unreachable hub id."""
+    from transformers import AutoConfig
+
+    from squeezeflow.compression.models import DEFAULT_MODEL, resolve_source
+
+    if spec.source == DEFAULT_MODEL or Path(spec.source).expanduser().exists():
+        return AutoConfig.from_pretrained(resolve_source(spec.source))
+    try:
+        return AutoConfig.from_pretrained(spec.source, revision=spec.revision)
+    except OSError as error:  # offline, or no such repo: the run itself will say so
+        log.warning("model %s: config not readable (%s); model-dependent checks skipped",
+                    spec.source, error)
+        return None
 
 
 def _parse_steps(raw: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
