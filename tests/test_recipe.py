@@ -36,7 +36,7 @@ def write(tmp_path: Path, raw: dict[str, object]) -> Path:
     ("overrides", "message"),
     [
         ({"stages": [{"name": "q", "steps": [{"kind": "gtpq"}]}]},
-         "stages.0.steps.0.kind: unknown step kind 'gtpq'; known kinds: magnitude, rtn"),
+         "stages.0.steps.0.kind: unknown step kind 'gtpq'; known kinds: depth, "),
         ({"stages": [{"name": "q", "steps": [{"kind": "rtn", "bitz": 4}]}]},
          "stages.0.steps.0: unknown key 'bitz'; valid keys: bits, group_size, ignore, kind"),
         ({"stages": [{"name": "q", "steps": [{"kind": "rtn", "bits": 5}]}]},
