@@ -28,6 +28,7 @@ from squeezeflow.tasks.stages import (  # noqa: E402
     materialize_data,
     materialize_model,
     register,
+    registry_retry_delays,
     run_stage,
 )
 
@@ -51,7 +52,7 @@ def compress(recipe_path: str, use_cache: bool = True) -> CompressResult:
 
 
 def compress_recipe(recipe: Recipe, use_cache: bool = True) -> CompressResult:
-    base = materialize_model(recipe.model)
+    base = materialize_model(recipe.model, recipe.registration.tracking_uri)
     calibration = (
         materialize_data(recipe.calibration)
         if recipe.calibration is not None and recipe.needs_calibration()
@@ -98,7 +99,8 @@ def compress_recipe(recipe: Recipe, use_cache: bool = True) -> CompressResult:
         code_version=code_version(),
         flow_run_id=str(flow_run.get_id() or ""),
     )
-    registered = register(record)
+    delays = registry_retry_delays()
+    registered = register.with_options(retries=len(delays), retry_delay_seconds=delays)(record)
     return CompressResult(
         registered=registered, metrics=report.metrics, stages=stages, model_dir=current.path
     )

@@ -19,6 +19,7 @@ import mlflow
 import yaml
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
+from mlflow.exceptions import MlflowException
 
 from squeezeflow.registry.card import model_card
 from squeezeflow.registry.pyfunc import ARTIFACT_KEY, CompressedModel
@@ -44,11 +45,17 @@ def lineage_tags(record: RunRecord) -> dict[str, str]:
         "flow_run_id": record.flow_run_id or "",
     }
     tags |= {f"{name}_sha256": digest for name, digest in record.data_sha256.items()}
+    if record.base_model.startswith("models:/"):  # the base is itself a registered version
+        name, _, version = record.base_model.removeprefix("models:/").rpartition("/")
+        tags |= {"base_registered_model": name, "base_version": version}
     return {TAG_PREFIX + key: value for key, value in tags.items()}
 
 
 def log_and_register(record: RunRecord) -> RegisteredVersion:
     client = connect(record.tracking_uri)
+    existing = _already_registered(client, record)
+    if existing is not None:  # a retry after the version was created: do not register twice
+        return existing
     experiment = experiment_id(client, record.experiment)
     tags = lineage_tags(record) | {"mlflow.runName": record.recipe_name}
     run = client.create_run(experiment, tags=tags)
@@ -83,7 +90,7 @@ def log_and_register(record: RunRecord) -> RegisteredVersion:
                 name="model",
                 python_model=CompressedModel(),
                 artifacts={ARTIFACT_KEY: record.model_dir},
-                pip_requirements=_requirements(),
+                pip_requirements=requirements(),
             )
         version = mlflow.register_model(
             info.model_uri, record.model_name, tags=_version_tags(record, run_id)
@@ -109,6 +116,30 @@ def log_and_register(record: RunRecord) -> RegisteredVersion:
     )
 
 
+def _already_registered(client: MlflowClient, record: RunRecord) -> RegisteredVersion | None:
+    if not record.flow_run_id:
+        return None
+    try:
+        versions = client.search_model_versions(f"name = '{record.model_name}'")
+    except MlflowException as error:
+        if error.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
+    for version in versions:
+        tags = version.tags
+        if (tags.get(TAG_PREFIX + "flow_run_id") == record.flow_run_id
+                and tags.get(TAG_PREFIX + "model_sha256") == record.candidate_sha256):
+            full = client.get_model_version(record.model_name, version.version)
+            if record.gates_passed and record.alias not in full.aliases:
+                client.set_registered_model_alias(record.model_name, record.alias, full.version)
+            return RegisteredVersion(
+                model_name=record.model_name, version=str(full.version),
+                run_id=full.run_id or "", aliases=[record.alias] if record.gates_passed else [],
+                gates_passed=record.gates_passed, tracking_uri=client.tracking_uri,
+            )
+    return None
+
+
 def list_versions(model_name: str | None, tracking_uri: str | None = None) -> list[dict[str, Any]]:
     """Registered versions (newest first) with their aliases, tags and run metrics."""
     client = connect(tracking_uri)
@@ -129,10 +160,15 @@ def list_versions(model_name: str | None, tracking_uri: str | None = None) -> li
     return sorted(rows, key=lambda row: (row["name"], -row["version"]))
 
 
-def download_model(uri: str, tracking_uri: str | None = None) -> Path:
+def download_model(uri: str, tracking_uri: str | None = None,
+                   destination: Path | None = None) -> Path:
     """The compressed model folder of `models:/NAME@alias` (or /VERSION), downloaded."""
     connect(tracking_uri)
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+    if destination is not None:
+        destination.mkdir(parents=True, exist_ok=True)
+    local = Path(mlflow.artifacts.download_artifacts(
+        artifact_uri=uri, dst_path=str(destination) if destination is not None else None
+    ))
     description = yaml.safe_load((local / "MLmodel").read_text())
     artifacts = description.get("flavors", {}).get("python_function", {}).get("artifacts", {})
     if ARTIFACT_KEY not in artifacts:
@@ -194,7 +230,7 @@ def _log_texts(client: MlflowClient, run_id: str, files: dict[str, str]) -> None
         client.log_artifacts(run_id, folder)
 
 
-def _requirements() -> list[str]:
+def requirements() -> list[str]:
     from importlib.metadata import version
 
     return [f"{name}=={version(name)}" for name in ("torch", "transformers", "safetensors")] + [

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -187,6 +188,101 @@ def promote(
         raise typer.Exit(EXIT_NOT_PROMOTED)
     console.print(f"[green]champion[/] of {model_name} is now version {outcome.champion} "
                   f"(was {outcome.previous_champion or 'none'})")
+
+
+stack_app = typer.Typer(help="A local team stack: MLflow server, Prefect server and a worker.")
+app.add_typer(stack_app, name="stack")
+
+
+def _stack_config(mlflow_port: int, prefect_port: int):  # type: ignore[no-untyped-def]
+    from squeezeflow.infra.stack import StackConfig
+    from squeezeflow.tasks.refs import workspace
+
+    return StackConfig(root=workspace() / "stack", mlflow_port=mlflow_port,
+                       prefect_port=prefect_port,
+                       backend_store_uri=os.environ.get("SQUEEZEFLOW_STACK_BACKEND_STORE_URI"),
+                       artifacts_destination=os.environ.get("SQUEEZEFLOW_STACK_ARTIFACTS"))
+
+
+MlflowPort = Annotated[int, typer.Option(help="MLflow server port")]
+PrefectPort = Annotated[int, typer.Option(help="Prefect server port")]
+
+
+@stack_app.command("up")
+def stack_up(mlflow_port: MlflowPort = 5000, prefect_port: PrefectPort = 4200) -> None:
+    """Start the MLflow server, the Prefect server and a worker on loopback."""
+    from squeezeflow.infra.stack import up
+
+    config = _stack_config(mlflow_port, prefect_port)
+    with console.status("starting the stack (a minute on 2 cores)"):
+        environment = up(config)
+    console.print(f"[green]stack up[/]; state and logs in {config.root}. Use it with:")
+    for key, value in environment.items():
+        typer.echo(f"export {key}={value}")
+
+
+@stack_app.command("down")
+def stack_down(mlflow_port: MlflowPort = 5000, prefect_port: PrefectPort = 4200) -> None:
+    """Stop every service of the stack."""
+    from squeezeflow.infra.stack import down
+
+    stopped = down(_stack_config(mlflow_port, prefect_port))
+    console.print(f"stopped: {', '.join(stopped) or 'nothing was running'}")
+
+
+@stack_app.command("status")
+def stack_status(mlflow_port: MlflowPort = 5000, prefect_port: PrefectPort = 4200) -> None:
+    """Show whether each service runs and answers."""
+    from squeezeflow.infra.stack import status
+
+    for name, state in status(_stack_config(mlflow_port, prefect_port)).items():
+        console.print(f"{name:8} {state}")
+
+
+@app.command()
+def serve(
+    recipe_path: RecipeArg,
+    interval: Annotated[float | None, typer.Option(help="seconds between runs")] = None,
+    cron: Annotated[str | None, typer.Option(help="cron expression, e.g. '0 2 * * *'")] = None,
+    name: Annotated[str | None, typer.Option(help="deployment name")] = None,
+    watch_base: Annotated[
+        str | None,
+        typer.Option(help="registered base model: run when it gets a new version (polls on "
+                          "the schedule)"),
+    ] = None,
+) -> None:
+    """Serve the recipe as a scheduled deployment (needs a real Prefect server)."""
+    recipe = _load_or_exit(recipe_path)
+    if (interval is None) == (cron is None):
+        errors.print("give exactly one of --interval or --cron")
+        raise typer.Exit(EXIT_INVALID)
+    apply_defaults()
+    quiet_progress_bars()
+    from squeezeflow.flows.serve import NoServerError, serve_recipe
+
+    try:
+        serve_recipe(recipe_path, name=name or recipe.name, interval_s=interval, cron=cron,
+                     watch_base_model=watch_base)
+    except NoServerError as error:
+        errors.print(f"[bold red]cannot serve[/]: {error}", highlight=False)
+        raise typer.Exit(EXIT_INVALID) from None
+
+
+@app.command("register-base")
+def register_base(
+    folder: Annotated[Path, typer.Argument(help="a Hugging Face model folder")],
+    model_name: Annotated[str, typer.Option("--name", help="registered model name")],
+    tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI")] = None,
+) -> None:
+    """Register a model folder as a new version (a base that `serve --watch-base` follows)."""
+    apply_defaults()
+    if not (folder / "config.json").exists():
+        errors.print(f"{folder} has no config.json: not a Hugging Face model folder")
+        raise typer.Exit(EXIT_INVALID)
+    from squeezeflow.registry.lineage import register_folder
+
+    version = register_folder(folder, model_name, tracking_uri)
+    console.print(f"[green]registered[/] {model_name} version {version}")
 
 
 if __name__ == "__main__":

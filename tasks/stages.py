@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -25,7 +26,7 @@ from squeezeflow.evaluation.gates import Gate, GateResult, check_gates
 from squeezeflow.evaluation.suite import EvaluationReport, EvaluationSettings, evaluate
 from squeezeflow.recipe import DataSpec, ModelSpec, StageSpec
 from squeezeflow.registry.records import RegisteredVersion, RunRecord
-from squeezeflow.registry.runs import log_and_register
+from squeezeflow.registry.runs import download_model, log_and_register
 from squeezeflow.tasks.refs import CheckpointRef, DataRef, code_version, folder_sha256, workspace
 
 log = logging.getLogger("squeezeflow")
@@ -39,9 +40,14 @@ class StageResult(BaseModel):
     reused: bool  # True when an identical stage output already existed
 
 
-@task(name="materialize-model", cache_policy=NONE)
-def materialize_model(spec: ModelSpec) -> CheckpointRef:
-    path = resolve_source(spec.source, spec.revision)
+@task(name="materialize-model", cache_policy=NONE, retries=2, retry_delay_seconds=[5, 20])
+def materialize_model(spec: ModelSpec, tracking_uri: str | None = None) -> CheckpointRef:
+    """A local folder for the base model: bundled default, path, hub id, or `models:/...`."""
+    if spec.source.startswith("models:/"):  # a version in the registry (lineage: base version)
+        target = workspace() / "bases" / hashlib.sha256(spec.source.encode()).hexdigest()[:16]
+        path = download_model(spec.source, tracking_uri, destination=target)
+    else:
+        path = resolve_source(spec.source, spec.revision)
     kind = spec.kind if spec.kind != "auto" else detect_kind(AutoConfig.from_pretrained(path))
     log.info("base model %s (%s)", path, kind)
     return CheckpointRef(path=str(path), sha256=folder_sha256(path), kind=kind)
@@ -162,6 +168,14 @@ def gate_results(gates: tuple[Gate, ...], metrics: dict[str, float]) -> list[Gat
     return check_gates(list(gates), metrics)
 
 
+def registry_retry_delays() -> list[float]:
+    """Backoff between registration attempts: $SQUEEZEFLOW_REGISTRY_RETRY_DELAYS (seconds,
+    comma-separated), else 5, 30 and 120 s: enough to ride out a server restart."""
+    raw = os.environ.get("SQUEEZEFLOW_REGISTRY_RETRY_DELAYS", "5,30,120")
+    return [float(value) for value in raw.split(",") if value.strip()]
+
+
 @task(name="register", cache_policy=NONE)
 def register(record: RunRecord) -> RegisteredVersion:
+    """Log and register; safe to retry (a version created by an earlier attempt is reused)."""
     return log_and_register(record)

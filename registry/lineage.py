@@ -1,0 +1,64 @@
+"""Registered base models: register a plain model folder, find new versions, remember
+which base version a target model was last built from."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import mlflow
+from mlflow.exceptions import MlflowException
+
+from squeezeflow.registry.pyfunc import ARTIFACT_KEY, CompressedModel
+from squeezeflow.registry.store import connect
+
+
+def register_folder(folder: Path, model_name: str, tracking_uri: str | None = None,
+                    pip_requirements: list[str] | None = None) -> str:
+    """Register a model folder (HF or squeezeflow) as a new version; returns the version."""
+    from squeezeflow.registry.runs import requirements
+
+    client = connect(tracking_uri)
+    from squeezeflow.registry.store import experiment_id
+
+    run = client.create_run(experiment_id(client, "squeezeflow-bases"),
+                            tags={"mlflow.runName": f"base {model_name}"})
+    with mlflow.start_run(run_id=run.info.run_id), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Passing a Python object")
+        info = mlflow.pyfunc.log_model(
+            name="model", python_model=CompressedModel(),
+            artifacts={ARTIFACT_KEY: str(folder)},
+            pip_requirements=pip_requirements or requirements(),
+        )
+    version = mlflow.register_model(info.model_uri, model_name)
+    return str(version.version)
+
+
+def latest_version(model_name: str, tracking_uri: str | None = None) -> str | None:
+    client = connect(tracking_uri)
+    try:
+        versions = client.search_model_versions(f"name = '{model_name}'")
+    except MlflowException:
+        return None
+    return max((str(v.version) for v in versions), key=int, default=None)
+
+
+def _tag(base_model_name: str) -> str:
+    return f"squeezeflow.built_from.{base_model_name}"
+
+
+def last_built_base_version(target_model_name: str, base_model_name: str,
+                            tracking_uri: str | None = None) -> str | None:
+    client = connect(tracking_uri)
+    try:
+        model = client.get_registered_model(target_model_name)
+    except MlflowException:
+        return None
+    value = model.tags.get(_tag(base_model_name))
+    return str(value) if value is not None else None
+
+
+def remember_built_base_version(target_model_name: str, base_model_name: str, version: str,
+                                tracking_uri: str | None = None) -> None:
+    connect(tracking_uri).set_registered_model_tag(target_model_name, _tag(base_model_name),
+                                                   version)
