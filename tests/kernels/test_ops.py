@@ -114,15 +114,17 @@ def test_int4_with_act_order_columns_matches_reference() -> None:
         (17, 96, 40, True, True),
     ],
 )
+@pytest.mark.parametrize("use_onednn", [True, False])
 def test_w8a8_matches_reference(
-    tokens: int, in_features: int, out_features: int, smoothed: bool, fuse: bool
+    tokens: int, in_features: int, out_features: int, smoothed: bool, fuse: bool,
+    use_onednn: bool,
 ) -> None:
     codes, scale, zero, g_idx = _random_weight(out_features, in_features, 8, in_features,
                                                symmetric=True, seed=tokens)
     bias = torch.randn(out_features)
     input_scale = torch.rand(in_features) * 4 + 0.25 if smoothed else None
     layer = pack_linear(codes, scale, zero, g_idx, bits=8, bias=bias, activation_bits=8,
-                        input_scale=input_scale, fuse=fuse)
+                        input_scale=input_scale, fuse=fuse, use_onednn=use_onednn)
     assert layer.format == "w8a8"
     x = torch.randn(tokens, in_features)
     x[:, 0] *= 30  # an outlier channel, as in transformer activations
