@@ -27,6 +27,7 @@ from squeezeflow.tasks.stages import (  # noqa: E402
     gate_results,
     materialize_data,
     materialize_model,
+    publish_report,
     register,
     registry_retry_delays,
     run_stage,
@@ -101,6 +102,7 @@ def compress_recipe(recipe: Recipe, use_cache: bool = True) -> CompressResult:
     )
     delays = registry_retry_delays()
     registered = register.with_options(retries=len(delays), retry_delay_seconds=delays)(record)
+    publish_report(record, registered)
     return CompressResult(
         registered=registered, metrics=report.metrics, stages=stages, model_dir=current.path
     )

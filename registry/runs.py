@@ -21,6 +21,13 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
 
+from squeezeflow.evaluation.report import (
+    TradeoffPoint,
+    comparison_markdown,
+    comparison_rows,
+    quality_axis,
+    tradeoff_plots,
+)
 from squeezeflow.registry.card import model_card
 from squeezeflow.registry.pyfunc import ARTIFACT_KEY, CompressedModel
 from squeezeflow.registry.records import RegisteredVersion, RunRecord
@@ -74,6 +81,7 @@ def log_and_register(record: RunRecord) -> RegisteredVersion:
             )
             _log_metrics(client, child.info.run_id, stage.metrics | {"seconds": stage.seconds})
             client.set_terminated(child.info.run_id)
+        _log_report(client, run_id, record)
         gates = [result.model_dump() for result in record.gate_results]
         _log_texts(client, run_id, {
             "recipe.yaml": yaml.safe_dump(record.recipe, sort_keys=False),
@@ -197,6 +205,41 @@ def _version_tags(record: RunRecord, run_id: str) -> dict[str, str]:
         tags[f"gate.{index}"] = f"{'pass' if result.passed else 'fail'}: {result.gate} "
         tags[f"gate.{index}"] += "(missing)" if result.value is None else f"({result.value:.6g})"
     return tags
+
+
+def _log_report(client: MlflowClient, run_id: str, record: RunRecord) -> None:
+    """comparison.md and trade-off plots: base, earlier versions of the model, this run."""
+    axis = quality_axis(record.metrics)
+    files = {"comparison.md": comparison_markdown(comparison_rows(record.metrics))}
+    with tempfile.TemporaryDirectory() as folder:
+        if axis is not None:
+            label, quality, base_quality = axis
+            points = [
+                TradeoffPoint(label="base", quality=base_quality,
+                              size_mb=record.metrics.get("base_weights_mb"),
+                              latency_ms=record.metrics.get("base_latency_p50_ms")),
+                *_earlier_points(client, record.model_name),
+                TradeoffPoint(label="new", quality=quality,
+                              size_mb=record.metrics.get("weights_mb"),
+                              latency_ms=record.metrics.get("latency_p50_ms")),
+            ]
+            tradeoff_plots(points, label, Path(folder) / "plots")
+        for name, text in files.items():
+            (Path(folder) / name).write_text(text)
+        client.log_artifacts(run_id, folder)
+
+
+def _earlier_points(client: MlflowClient, model_name: str) -> list[TradeoffPoint]:
+    points = []
+    for row in list_versions(model_name, client.tracking_uri):
+        axis = quality_axis(row["metrics"])
+        if axis is not None:
+            points.append(TradeoffPoint(
+                label=f"v{row['version']}", quality=axis[1],
+                size_mb=row["metrics"].get("weights_mb"),
+                latency_ms=row["metrics"].get("latency_p50_ms"),
+            ))
+    return points
 
 
 def _chunks(items: list[Any], size: int) -> Iterator[list[Any]]:

@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import torch
 from prefect import task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE
 from pydantic import BaseModel
 from transformers import AutoConfig
@@ -23,8 +25,10 @@ from squeezeflow.compression.data import load_texts, texts_sha256, tokenized_bat
 from squeezeflow.compression.models import detect_kind, resolve_source
 from squeezeflow.compression.runners import run_stage_steps
 from squeezeflow.evaluation.gates import Gate, GateResult, check_gates
+from squeezeflow.evaluation.report import comparison_rows
 from squeezeflow.evaluation.suite import EvaluationReport, EvaluationSettings, evaluate
 from squeezeflow.recipe import DataSpec, ModelSpec, StageSpec
+from squeezeflow.registry.card import model_card
 from squeezeflow.registry.records import RegisteredVersion, RunRecord
 from squeezeflow.registry.runs import download_model, log_and_register
 from squeezeflow.tasks.refs import CheckpointRef, DataRef, code_version, folder_sha256, workspace
@@ -179,3 +183,14 @@ def registry_retry_delays() -> list[float]:
 def register(record: RunRecord) -> RegisteredVersion:
     """Log and register; safe to retry (a version created by an earlier attempt is reused)."""
     return log_and_register(record)
+
+
+@task(name="publish-report", cache_policy=NONE)
+def publish_report(record: RunRecord, registered: RegisteredVersion) -> None:
+    """The comparison table and model card as Prefect artifacts of this flow run."""
+    key = re.sub(r"[^a-z0-9-]", "-", record.model_name.lower())
+    rows = [row.model_dump() for row in comparison_rows(record.metrics)]
+    create_table_artifact(rows, key=f"{key}-comparison",
+                          description=f"{record.model_name} v{registered.version} vs base")
+    create_markdown_artifact(model_card(record), key=f"{key}-model-card",
+                             description=f"model card of {record.model_name} v{registered.version}")

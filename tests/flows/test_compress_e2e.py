@@ -77,7 +77,24 @@ def test_causal_lm_end_to_end(workdir: Path, trained_llama_dir: Path,
     prune = next(c for c in children if c.data.tags["mlflow.runName"] == "stage 0: prune")
     assert prune.data.metrics["0.magnitude.mean_sparsity"] == pytest.approx(0.2, abs=1e-3)
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"recipe.yaml", "report.json", "model_card.md"} <= artifacts
+    assert {"recipe.yaml", "report.json", "model_card.md", "comparison.md", "plots"} <= artifacts
+    plots = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
+    assert plots == {"plots/quality_vs_size.png", "plots/quality_vs_latency.png"}
+    png = Path(client.download_artifacts(run.info.run_id, "plots/quality_vs_size.png", str(workdir)))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    comparison = Path(client.download_artifacts(run.info.run_id, "comparison.md", str(workdir)))
+    assert "| perplexity |" in comparison.read_text()
+    card = Path(client.download_artifacts(run.info.run_id, "model_card.md", str(workdir)))
+    assert f"{metrics['perplexity']:.6g}" in card.read_text()
+
+    # the same comparison is a Prefect artifact of the flow run
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as prefect:
+        found = prefect.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["tiny-llama-q4-comparison"])))
+    assert found and "perplexity" in str(found[0].data)
 
     # the registered model loads back and generates
     import mlflow.pyfunc
