@@ -4,10 +4,10 @@ Layout of a saved folder:
 - `config.json`, tokenizer files: as Hugging Face writes them;
 - `model.safetensors`: every dense tensor, and for each quantized Linear `NAME`
   the tensors `NAME.qweight` (codes bit-packed into uint8), `NAME.scales` (fp16),
-  `NAME.qzeros` (zero points bit-packed) and, only when columns were reordered,
-  `NAME.g_idx`;
+  `NAME.qzeros` (zero points bit-packed), only when columns were reordered
+  `NAME.g_idx`, and only for SmoothQuant-scaled W8A8 layers `NAME.input_scale`;
 - `squeezeflow.json`: the format version, the model kind and, per quantized
-  Linear, its bits, shape, group size and symmetry; `tied`: tensors stored once
+  Linear, its bits, shape, group size, symmetry and activation bits (8 = W8A8); `tied`: tensors stored once
   and shared (loading makes the modules share one Parameter again); `factorized`:
   Linears replaced by two thin ones (`FactorizedLinear`) and their rank, rebuilt
   before the weights load.
@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from safetensors import safe_open
@@ -35,6 +35,7 @@ from squeezeflow.compression.models import (
     load_tokenizer,
     model_class,
 )
+from squeezeflow.compression.packed import to_packed_runtime
 from squeezeflow.compression.quantization.qweight import (
     QUANTIZED_ATTR,
     QuantizedWeight,
@@ -50,6 +51,11 @@ log = logging.getLogger(__name__)
 FORMAT_FILE = "squeezeflow.json"
 WEIGHTS_FILE = "model.safetensors"
 FORMAT_VERSION = 1
+
+# "dense": quantized Linears hold dequantized fp32 weights (what compression steps
+# work on); "packed": they are QuantLinear modules calling packed int kernels (what
+# a user runs; see compression/packed.py).
+Runtime = Literal["dense", "packed"]
 
 
 def save_compressed(
@@ -79,6 +85,7 @@ def save_compressed(
             "shape": list(quantized.shape),
             "group_size": quantized.group_size,
             "symmetric": quantized.symmetric,
+            "activation_bits": quantized.activation_bits,
         }
         packed_weights.add(f"{name}.weight")
 
@@ -111,9 +118,15 @@ def save_compressed(
     return path
 
 
-def load_compressed(path: str | Path) -> LoadedModel:
-    """Load a folder written by `save_compressed` (or a plain HF model folder)."""
+def load_compressed(path: str | Path, runtime: Runtime = "dense") -> LoadedModel:
+    """Load a folder written by `save_compressed` (or a plain HF model folder).
+
+    `runtime="packed"` swaps quantized Linears for packed QuantLinear modules; the
+    default keeps them dense so that further compression stages can change them.
+    """
     path = Path(path)
+    if runtime not in ("dense", "packed"):
+        raise ValueError(f"runtime must be 'dense' or 'packed', got {runtime!r}")
     if not (path / FORMAT_FILE).exists():
         return load_pretrained(path)
     description = json.loads((path / FORMAT_FILE).read_text())
@@ -153,6 +166,8 @@ def load_compressed(path: str | Path) -> LoadedModel:
     if missing:
         raise ValueError(f"{path}: weights missing from {WEIGHTS_FILE}: {sorted(missing)[:5]}")
     model.eval()
+    if runtime == "packed":
+        to_packed_runtime(model)
     return LoadedModel(model=model, tokenizer=load_tokenizer(path), kind=kind, path=path)
 
 
@@ -170,6 +185,8 @@ def _packed_tensors(name: str, quantized: QuantizedWeight) -> dict[str, torch.Te
     columns = quantized.shape[1]
     if not torch.equal(quantized.g_idx, group_index(columns, quantized.group_size)):
         tensors[f"{name}.g_idx"] = quantized.g_idx.to(torch.int32)
+    if quantized.input_scale is not None:  # SmoothQuant factor kept for the W8A8 runtime
+        tensors[f"{name}.input_scale"] = quantized.input_scale.to(torch.float32).contiguous()
     return tensors
 
 
@@ -203,6 +220,8 @@ def _unpack(name: str, spec: dict[str, Any], stored: Any, names: set[str]) -> Qu
         bits=bits,
         group_size=spec["group_size"],
         symmetric=spec["symmetric"],
+        activation_bits=spec.get("activation_bits"),
+        input_scale=take("input_scale"),
     )
 
 

@@ -6,19 +6,32 @@ The library parts (`squeezeflow.compression`, `squeezeflow.kernels`,
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
+    from squeezeflow.compression.artifact import Runtime
     from squeezeflow.compression.models import LoadedModel
 
+REGISTRY_SCHEMES = ("models:/", "runs:/")  # MLflow URIs, resolved through the registry
 
-def load_compressed(path: str) -> LoadedModel:
-    """Load a compressed model folder (or a plain HF folder) written by squeezeflow."""
+
+def load_compressed(path: str | Path, runtime: Runtime = "packed") -> LoadedModel:
+    """Load a compressed model: a folder written by squeezeflow, a plain HF folder,
+    or a registered version (`models:/NAME@alias`, `models:/NAME/VERSION`).
+
+    `runtime="packed"` (the default) runs quantized Linears on packed int kernels;
+    `runtime="dense"` gives a regular transformers model with dequantized weights.
+    """
     from squeezeflow.compression.artifact import load_compressed as load
 
-    return load(path)
+    if str(path).startswith(REGISTRY_SCHEMES):
+        from squeezeflow.registry.runs import download_model  # imports mlflow
+
+        path = download_model(str(path))
+    return load(path, runtime=runtime)
 
 
 __all__ = ["__version__", "load_compressed"]

@@ -29,6 +29,12 @@ class QuantizedWeight:
     bits: int
     group_size: int  # input columns per group; equals `in` for per-channel
     symmetric: bool
+    # 8 = the packed runtime also rounds this Linear's inputs to int8 per token (W8A8);
+    # None = weight-only quantization.
+    activation_bits: int | None = None
+    # (in,) SmoothQuant factor s the codes were computed for: they encode W * s, and
+    # the layer divides its input by s (see compression/quantization/smoothquant).
+    input_scale: Tensor | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -37,7 +43,10 @@ class QuantizedWeight:
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
         scale = self.scale[:, self.g_idx]  # (out, in)
         zero = self.zero[:, self.g_idx].to(torch.float32)  # (out, in)
-        return (scale * (self.codes.to(torch.float32) - zero)).to(dtype)
+        W = scale * (self.codes.to(torch.float32) - zero)  # (out, in)
+        if self.input_scale is not None:
+            W = W / self.input_scale  # the weight the layer applies to its unscaled input
+        return W.to(dtype)
 
 
 def group_index(columns: int, group_size: int) -> Tensor:

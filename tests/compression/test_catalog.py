@@ -80,7 +80,13 @@ def test_step_contract(kind: str) -> None:
                 model(**batch)
         report = step.apply(modules)
         changed = [n for n, m in modules.items() if not torch.equal(m.weight, before[n])]
-        assert changed == list(modules) or kind == "magnitude" and config.sparsity == 0
+        if kind == "smoothquant":
+            # it changes the Linears whose scales fold into a norm; the others keep a
+            # runtime factor for the w8a8 step (a tiny Llama has both kinds)
+            folded = [n for n in modules if report.per_module[n]["folded"]]
+            assert changed == folded and 0 < len(folded) < len(modules)
+        else:
+            assert changed == list(modules) or kind == "magnitude" and config.sparsity == 0
     assert isinstance(report, StepReport) and report.kind == kind
     assert set(report.per_module) == set(modules)
     for module in model.modules():

@@ -4,8 +4,10 @@ Xiao et al. 2022), with per-channel scales from calibration statistics.
 ```yaml
 - kind: smoothquant
   alpha: 0.5         # migration strength in [0, 1]: 0 leaves activations, 1 moves all into weights
-- kind: w8a8         # in the same stage: int8 weights x int8 per-token activations
+  fold: true         # fold into preceding norms where that is exact
 ```
+
+Follow it with `- kind: w8a8` in the same stage (int8 weights x int8 activations).
 
 Where the input of a group of Linears is the output of a norm (LayerNorm, RMSNorm)
 that feeds nothing else (pre-norm blocks: Llama, OPT, Qwen2), the scales are folded:
