@@ -114,30 +114,39 @@ def wait_for_http(url: str, process: "subprocess.Popen[bytes]", timeout: float) 
     raise TimeoutError(f"{url} did not answer within {timeout} s")
 
 
-@pytest.fixture(scope="session")
-def mlflow_server(session_dir: Path) -> Iterator[str]:
-    """A real `mlflow server` on a free loopback port (SQLite + artifact folder)."""
-    import subprocess
+def start_mlflow_server(root: Path, port: int) -> "subprocess.Popen[bytes]":
+    """A real `mlflow server` on loopback (SQLite + artifact folder under `root`), answering."""
     import sys
 
-    root = session_dir / "mlflow-server"
-    root.mkdir()
-    port = free_port()
-    log = (root / "server.log").open("wb")
-    process = subprocess.Popen(
-        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1",
-         "--port", str(port), "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-         "--artifacts-destination", str(root / "artifacts"), "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
+    root.mkdir(parents=True, exist_ok=True)
+    with (root / "server.log").open("ab") as log:
+        process = subprocess.Popen(
+            [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1",
+             "--port", str(port), "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+             "--artifacts-destination", str(root / "artifacts"), "--workers", "1"],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    wait_for_http(f"http://127.0.0.1:{port}/health", process, timeout=180)
+    return process
+
+
+def stop_server(process: "subprocess.Popen[bytes]") -> None:
+    import signal
+
+    os.killpg(process.pid, signal.SIGTERM)
     try:
-        wait_for_http(f"{url}/health", process, timeout=120)
-        yield url
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=20)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(session_dir: Path) -> Iterator[str]:
+    """A real `mlflow server` on a free loopback port for the whole session."""
+    port = free_port()
+    process = start_mlflow_server(session_dir / "mlflow-server", port)
+    try:
+        yield f"http://127.0.0.1:{port}"
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        log.close()
+        stop_server(process)

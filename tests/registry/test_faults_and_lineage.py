@@ -1,0 +1,88 @@
+"""A registry that is down during a run, and runs triggered by new base versions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from tests.conftest import free_port, start_mlflow_server, stop_server
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_server")]
+
+
+def bert_recipe(folder: Path, source: str, evaluation: Path, name: str) -> Path:
+    raw = {
+        "name": name,
+        "model": {"source": source},
+        "evaluation": {"data": {"source": str(evaluation), "num_samples": 16}, "max_length": 32,
+                       "suites": ["quality", "size"]},
+        "stages": [{"name": "q", "steps": [{"kind": "rtn", "bits": 8}]}],
+        "registration": {"model_name": name},
+    }
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_registry_down_fails_without_a_version_then_resumes_from_cache(
+    workdir: Path, tiny_bert_dir: Path, text_files: dict[str, Path],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import squeezeflow.tasks.stages as stages
+    from squeezeflow.flows.compress import compress
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+    monkeypatch.setenv("SQUEEZEFLOW_REGISTRY_RETRY_DELAYS", "0.5,1")
+    executed: list[int] = []
+    original = stages.run_stage_steps
+    monkeypatch.setattr(stages, "run_stage_steps",
+                        lambda *a, **k: executed.append(1) or original(*a, **k))
+    path = bert_recipe(workdir, str(tiny_bert_dir), text_files["evaluation"], "flaky-registry")
+
+    with pytest.raises(Exception, match=r"(?i)connection|refused|max retries"):
+        compress(str(path))  # nothing listens on the port: retried, then failed
+    assert executed == [1]  # the stage ran once and its checkpoint is kept
+
+    server = start_mlflow_server(workdir / "server", port)
+    try:
+        client = MlflowClient(tracking_uri=url, registry_uri=url)
+        assert client.search_registered_models() == []  # no half-registered version
+        result = compress(str(path))
+        assert executed == [1]  # the rerun reused the cached stage
+        assert [s.reused for s in result.stages] == [True]
+        versions = client.search_model_versions("name = 'flaky-registry'")
+        assert [int(v.version) for v in versions] == [1]
+    finally:
+        stop_server(server)
+
+
+def test_new_base_version_triggers_the_recipe(
+    workdir: Path, tiny_bert_dir: Path, text_files: dict[str, Path]
+) -> None:
+    from squeezeflow.flows.watch import watch_base
+    from squeezeflow.registry.lineage import register_folder
+
+    assert register_folder(tiny_bert_dir, "bert-base") == "1"
+    path = bert_recipe(workdir, "default", text_files["evaluation"], "bert-from-base")
+    first = watch_base(str(path), "bert-base")
+    assert first is not None and first.registered.version == "1"
+    client = MlflowClient()
+    version = client.get_model_version("bert-from-base", "1")
+    assert version.tags["squeezeflow.base_model"] == "models:/bert-base/1"
+    assert version.tags["squeezeflow.base_registered_model"] == "bert-base"
+    assert version.tags["squeezeflow.base_version"] == "1"
+    run = client.get_run(version.run_id)
+    assert run.data.tags["squeezeflow.base_version"] == "1"
+
+    assert watch_base(str(path), "bert-base") is None  # nothing new: nothing runs
+
+    assert register_folder(tiny_bert_dir, "bert-base") == "2"
+    second = watch_base(str(path), "bert-base")
+    assert second is not None and second.registered.version == "2"
+    assert client.get_registered_model("bert-from-base").tags[
+        "squeezeflow.built_from.bert-base"] == "2"
