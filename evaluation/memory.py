@@ -52,7 +52,7 @@ def _measure(model_dir: str, texts_json: str, max_length: int) -> float:
     from squeezeflow.compression.models import mean_pooled_embeddings
 
     baseline = _reset_peak()
-    loaded = load_compressed(model_dir)
+    loaded = load_compressed(model_dir, runtime="packed")  # what a user runs
     batch = loaded.tokenizer(
         json.loads(texts_json),
         padding=True,

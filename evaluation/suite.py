@@ -81,8 +81,10 @@ def evaluate(
 ) -> EvaluationReport:
     """Measure base and candidate on `texts`; both see the same batches and settings."""
     tell = progress or (lambda message: log.info(message))
-    base = load_compressed(base_dir)
-    candidate = load_compressed(candidate_dir)
+    # Both as a user loads them (`squeezeflow.load_compressed`): quantized Linears run
+    # on packed kernels, so quality and latency are those of the packed runtime.
+    base = load_compressed(base_dir, runtime="packed")
+    candidate = load_compressed(candidate_dir, runtime="packed")
     if base.kind != candidate.kind:
         raise ValueError(f"base is a {base.kind} but the candidate is a {candidate.kind}")
     metrics: dict[str, float] = {}

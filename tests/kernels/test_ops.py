@@ -52,11 +52,11 @@ def test_int8_weight_only_matches_reference(
     bias = torch.randn(out_features)
     layer = pack_linear(codes, scale, zero, g_idx, bits=8, bias=bias)
     assert layer.format == expected
-    x = torch.randn(2, 3, in_features)
-    reference = linear_reference(x, codes, scale, zero, g_idx, bias)
     tolerance = BF16_TOLERANCE if expected == "int8" else FP32_TOLERANCE
-    assert _relative_error(layer(x), reference) < tolerance
-    assert _relative_error(layer.reference(x), reference) < tolerance
+    for x in (torch.randn(2, 3, in_features), torch.randn(80, in_features)):  # packed op; bf16 GEMM
+        reference = linear_reference(x, codes, scale, zero, g_idx, bias)
+        assert _relative_error(layer(x), reference) < tolerance
+        assert _relative_error(layer.reference(x), reference) < tolerance
 
 
 @pytest.mark.parametrize(
@@ -84,7 +84,7 @@ def test_int4_matches_reference(
                                                symmetric, seed=in_features + bits)
     layer = pack_linear(codes, scale, zero, g_idx, bits=bits)
     assert layer.format == expected
-    for tokens in (1, 8):
+    for tokens in (1, 8, 64):  # the packed op, then the dequantized bf16 GEMM
         x = torch.randn(tokens, in_features)
         reference = linear_reference(x, codes, scale, zero, g_idx)
         tolerance = BF16_TOLERANCE if expected == "int4" else FP32_TOLERANCE
@@ -99,6 +99,8 @@ def test_int4_with_act_order_columns_matches_reference() -> None:
     x = torch.randn(4, 256)
     reference = linear_reference(x, codes, scale, zero, g_idx)
     assert _relative_error(layer(x), reference) < BF16_TOLERANCE
+    many = torch.randn(40, 256)
+    assert _relative_error(layer(many), linear_reference(many, codes, scale, zero, g_idx)) < BF16_TOLERANCE
     # ignoring the permutation would be wrong by far more than the tolerance
     in_order = linear_reference(x, codes, scale, zero, torch.arange(256) // 64)
     assert _relative_error(in_order, reference) > 10 * BF16_TOLERANCE
