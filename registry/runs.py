@@ -229,6 +229,17 @@ def _log_report(client: MlflowClient, run_id: str, record: RunRecord) -> None:
         client.log_artifacts(run_id, folder)
 
 
+def artifact_uris(run_id: str, folder: str, tracking_uri: str | None = None) -> dict[str, str]:
+    """Artifact name -> URI of each file in a run's artifact `folder` (e.g. the plots)."""
+    client = connect(tracking_uri)
+    root = client.get_run(run_id).info.artifact_uri.rstrip("/")
+    return {
+        Path(item.path).name: f"{root}/{item.path}"
+        for item in client.list_artifacts(run_id, folder)
+        if not item.is_dir
+    }
+
+
 def _earlier_points(client: MlflowClient, model_name: str) -> list[TradeoffPoint]:
     points = []
     for row in list_versions(model_name, client.tracking_uri):

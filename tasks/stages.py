@@ -14,7 +14,11 @@ from pathlib import Path
 
 import torch
 from prefect import task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import (
+    create_link_artifact,
+    create_markdown_artifact,
+    create_table_artifact,
+)
 from prefect.cache_policies import NONE
 from pydantic import BaseModel
 from transformers import AutoConfig
@@ -30,7 +34,7 @@ from squeezeflow.evaluation.suite import EvaluationReport, EvaluationSettings, e
 from squeezeflow.recipe import DataSpec, ModelSpec, StageSpec
 from squeezeflow.registry.card import model_card
 from squeezeflow.registry.records import RegisteredVersion, RunRecord
-from squeezeflow.registry.runs import download_model, log_and_register
+from squeezeflow.registry.runs import artifact_uris, download_model, log_and_register
 from squeezeflow.tasks.refs import CheckpointRef, DataRef, code_version, folder_sha256, workspace
 
 log = logging.getLogger("squeezeflow")
@@ -194,3 +198,7 @@ def publish_report(record: RunRecord, registered: RegisteredVersion) -> None:
                           description=f"{record.model_name} v{registered.version} vs base")
     create_markdown_artifact(model_card(record), key=f"{key}-model-card",
                              description=f"model card of {record.model_name} v{registered.version}")
+    plots = artifact_uris(registered.run_id, "plots", record.tracking_uri)
+    for name, uri in sorted(plots.items()):
+        create_link_artifact(uri, link_text=name, key=f"{key}-{name.removesuffix('.png').replace('_', '-')}",
+                             description=f"{name} of {record.model_name} v{registered.version} (MLflow artifact)")
