@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import enum
 import fnmatch
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, ClassVar, Generic, TypeVar
 
 from pydantic import BaseModel, Field
-from torch import nn
+from torch import Tensor, nn
 
 from squeezeflow.compression.config import StepConfig
 
@@ -85,6 +86,22 @@ class Step(Generic[ConfigT]):
         `apply` decides (and may zero what goes away); `restructure` removes blocks,
         shrinks matrices, replaces modules and updates `model.config` to match.
         """
+
+    @property
+    def writes_checkpoint(self) -> bool:
+        """True when the step produces the stage's whole checkpoint folder itself.
+
+        Such a step (e.g. `gptq` with `backend: gptqmodel`, an external tool that loads
+        and saves its own format) runs alone in its stage: the stage calls
+        `write_checkpoint` instead of loading the model and running `apply`.
+        """
+        return False
+
+    def write_checkpoint(
+        self, source: Path, calibration: Sequence[dict[str, Tensor]], output: Path
+    ) -> StepReport:
+        """Write the stage's output folder from the checkpoint folder `source`."""
+        raise NotImplementedError(f"{type(self).__name__} does not write checkpoints")
 
     def finalize(self, model: nn.Module, reports: list[StepReport]) -> StepReport:
         """Summarize per-block reports into one report for the whole model."""

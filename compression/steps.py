@@ -11,6 +11,7 @@ from squeezeflow.compression.pruning.magnitude import step as magnitude  # noqa:
 from squeezeflow.compression.pruning.sparsegpt import step as sparsegpt  # noqa: F401
 from squeezeflow.compression.pruning.structured import step as structured  # noqa: F401
 from squeezeflow.compression.pruning.wanda import step as wanda  # noqa: F401
+from squeezeflow.compression.quantization.gptq import step as gptq  # noqa: F401
 from squeezeflow.compression.quantization.rtn import step as rtn  # noqa: F401
 from squeezeflow.compression.quantization.smoothquant import step as smoothquant  # noqa: F401
 from squeezeflow.compression.quantization.w8a8 import step as w8a8  # noqa: F401

@@ -11,6 +11,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from prefect import task
@@ -26,8 +27,9 @@ from transformers import AutoConfig
 from squeezeflow.compression.artifact import load_compressed, save_compressed
 from squeezeflow.compression.catalog import CATALOG
 from squeezeflow.compression.data import load_texts, texts_sha256, tokenized_batches
-from squeezeflow.compression.models import detect_kind, resolve_source
+from squeezeflow.compression.models import detect_kind, load_tokenizer, resolve_source
 from squeezeflow.compression.runners import run_stage_steps
+from squeezeflow.compression.step import Step
 from squeezeflow.evaluation.gates import Gate, GateResult, check_gates
 from squeezeflow.evaluation.report import comparison_rows
 from squeezeflow.evaluation.suite import EvaluationReport, EvaluationSettings, evaluate
@@ -123,29 +125,37 @@ def run_stage(
         )
     start = time.perf_counter()
     torch.manual_seed(seed)
-    loaded = load_compressed(source.path)
+    steps = [CATALOG.build(config) for config in stage.steps]
+    writer = checkpoint_writer(steps)
+    loaded = None if writer else load_compressed(source.path)
+    tokenizer = loaded.tokenizer if loaded else load_tokenizer(Path(source.path))
     batches = []
     if calibration is not None and calibration_spec is not None:
         batches = list(tokenized_batches(
-            read_texts(calibration), loaded.tokenizer,
+            read_texts(calibration), tokenizer,
             batch_size=calibration_spec.batch_size, max_length=calibration_spec.max_length,
         ))
-    steps = [CATALOG.build(config) for config in stage.steps]
-    reports = run_stage_steps(
-        loaded.model, steps, batches, progress=lambda m: log.info("stage %s: %s", stage.name, m)
-    )
-    metrics: dict[str, float] = {}
-    for index, report in enumerate(reports):
-        label = f"{index}.{report.kind}"
-        metrics |= {f"{label}.{name}": value for name, value in report.metrics.items()}
-        for module, values in report.per_module.items():
-            metrics |= {f"{label}.{module}.{name}": value for name, value in values.items()}
-    seconds = time.perf_counter() - start
     output.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=output.parent) as scratch:
         staging = Path(scratch) / "model"
-        save_compressed(loaded.model, loaded.tokenizer, loaded.kind, staging,
-                        metadata={"stage": stage.name, "source_sha256": source.sha256})
+        if writer is not None:  # the step loads, compresses and saves the model itself
+            reports = [writer.write_checkpoint(Path(source.path), batches, staging)]
+            seconds = time.perf_counter() - start
+        else:
+            assert loaded is not None
+            reports = run_stage_steps(
+                loaded.model, steps, batches,
+                progress=lambda m: log.info("stage %s: %s", stage.name, m),
+            )
+            seconds = time.perf_counter() - start
+            save_compressed(loaded.model, loaded.tokenizer, loaded.kind, staging,
+                            metadata={"stage": stage.name, "source_sha256": source.sha256})
+        metrics: dict[str, float] = {}
+        for index, report in enumerate(reports):
+            label = f"{index}.{report.kind}"
+            metrics |= {f"{label}.{name}": value for name, value in report.metrics.items()}
+            for module, values in report.per_module.items():
+                metrics |= {f"{label}.{module}.{name}": value for name, value in values.items()}
         digest = folder_sha256(staging)
         (staging / "stage.json").write_text(
             json.dumps({"sha256": digest, "seconds": seconds, "metrics": metrics})
@@ -159,6 +169,17 @@ def run_stage(
         checkpoint=CheckpointRef(path=str(output), sha256=digest, kind=source.kind),
         seconds=seconds, metrics=metrics, reused=False,
     )
+
+
+def checkpoint_writer(steps: list[Step[Any]]) -> Step[Any] | None:
+    """The stage's step that writes the whole checkpoint itself, if any; it must be alone."""
+    writers = [step for step in steps if step.writes_checkpoint]
+    if writers and len(steps) > 1:
+        raise ValueError(
+            f"{writers[0].config.kind} writes the stage's whole checkpoint and must be "
+            "the only step of its stage"
+        )
+    return writers[0] if writers else None
 
 
 @task(name="evaluate", cache_policy=NONE)

@@ -1,0 +1,127 @@
+"""The `gptqmodel` backend of the `gptq` step: GPTQModel quantizes a causal LM and
+writes a standard Hugging Face GPTQ checkpoint (qweight/qzeros/scales/g_idx and a
+`quantization_config` in config.json) that `transformers` loads.
+
+GPTQModel is an optional dependency (the `[gptq]` extra) imported on use. It
+replaces the whole model, so the step runs alone in its stage and writes the
+stage's checkpoint folder itself (`Step.write_checkpoint`).
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from squeezeflow.compression.step import StepReport, summarize
+
+if TYPE_CHECKING:
+    from squeezeflow.compression.quantization.gptq.step import GPTQConfig
+
+log = logging.getLogger(__name__)
+
+EXTRA_HINT = "pip install squeezeflow[gptq]"
+
+
+def require_gptqmodel() -> ModuleType:
+    """Import gptqmodel, or fail with the extra that provides it."""
+    # GPTQModel refuses to start on small CPU-only machines unless told its worker count.
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(os.cpu_count() or 1))
+    try:
+        import gptqmodel
+    except ImportError as error:
+        raise ImportError(
+            f"gptq backend 'gptqmodel' needs GPTQModel and optimum: {EXTRA_HINT} ({error})"
+        ) from error
+    return gptqmodel
+
+
+def gptqmodel_quantize_config(config: GPTQConfig) -> Any:
+    """The GPTQModel QuantizeConfig with the same algorithm settings as our own GPTQ."""
+    gptqmodel = require_gptqmodel()
+    return gptqmodel.QuantizeConfig(
+        bits=config.bits,
+        group_size=-1 if config.group_size is None else config.group_size,  # -1: per row
+        sym=config.symmetric,
+        desc_act=config.act_order,
+        act_group_aware=False,  # GPTQModel's own reordering: off, to run plain GPTQ
+        static_groups=config.static_groups,
+        damp_percent=config.damp,
+        offload_to_disk=False,  # small models: no temporary shards on disk
+    )
+
+
+def calibration_samples(calibration: Sequence[dict[str, Tensor]]) -> list[dict[str, Tensor]]:
+    """Padded batches -> one unpadded sample per text, the input GPTQModel expects."""
+    samples = []
+    for batch in calibration:
+        mask = batch.get("attention_mask", torch.ones_like(batch["input_ids"]))
+        for ids, keep in zip(batch["input_ids"], mask.bool(), strict=True):
+            tokens = ids[keep]  # (tokens,)
+            samples.append({"input_ids": tokens, "attention_mask": torch.ones_like(tokens)})
+    return samples
+
+
+def load_and_quantize(
+    config: GPTQConfig, source: Path, calibration: Sequence[dict[str, Tensor]],
+    batch_size: int = 8,
+) -> Any:
+    """A GPTQModel model loaded from `source` and quantized in memory."""
+    gptqmodel = require_gptqmodel()
+    model = gptqmodel.GPTQModel.load(str(source), gptqmodel_quantize_config(config), device="cpu")
+    model.quantize(
+        calibration_samples(calibration),
+        batch_size=batch_size,
+        calibration_data_min_length=1,  # keep short calibration texts; we chose the data
+    )
+    return model
+
+
+def quantize_with_gptqmodel(
+    config: GPTQConfig, source: Path, calibration: Sequence[dict[str, Tensor]], output: Path
+) -> StepReport:
+    """Quantize the causal LM in `source` with GPTQModel and save it to `output`."""
+    require_gptqmodel()
+    with tempfile.TemporaryDirectory() as scratch:
+        model = load_and_quantize(config, _plain_hf_folder(source, Path(scratch)), calibration)
+        output.mkdir(parents=True, exist_ok=True)
+        model.save(str(output))
+    per_module = _quant_log(output / "quant_log.csv", model)
+    return StepReport(kind=config.kind, metrics=summarize(per_module), per_module=per_module)
+
+
+def _plain_hf_folder(source: Path, scratch: Path) -> Path:
+    """GPTQModel reads standard HF folders; a packed squeezeflow folder is written dense."""
+    from squeezeflow.compression.artifact import FORMAT_FILE, load_compressed
+
+    if not (source / FORMAT_FILE).exists():
+        return source
+    loaded = load_compressed(source)
+    dense = scratch / "dense"
+    loaded.model.save_pretrained(dense)
+    loaded.tokenizer.save_pretrained(dense)
+    return dense
+
+
+def _quant_log(path: Path, model: Any) -> dict[str, dict[str, float]]:
+    """GPTQModel's per-layer loss (its GPTQ objective) keyed by full module name."""
+    if not path.exists():
+        log.warning("GPTQModel wrote no %s; no per-module metrics", path.name)
+        return {}
+    from squeezeflow.compression.models import find_blocks
+
+    prefix, _ = find_blocks(model.model)
+    per_module = {}
+    with path.open() as handle:
+        for row in csv.DictReader(handle):
+            name = f"{prefix}.{row['layer']}.{row['module']}"
+            per_module[name] = {"gptq_loss": float(row["loss"])}
+    return per_module

@@ -1,0 +1,178 @@
+"""`gptq`: second-order weight quantization of Linear layers (Frantar et al. 2022).
+
+Layer-wise: each block is calibrated on what the already-quantized blocks before it
+produce. Per layer, the inputs' Hessian is accumulated by a forward hook, then
+`math.gptq_quantize` rounds the weights column by column, compensating each error
+on the columns not yet rounded. Works on nn.Linear and GPT-2's Conv1D.
+
+```yaml
+- kind: gptq
+  bits: 4              # 2, 3, 4 or 8
+  group_size: 128      # input columns sharing one grid; null = one grid per output row
+  symmetric: true
+  act_order: false     # quantize the most active input columns first
+  static_groups: false # grids from the original weights (keeps g_idx monotone with act_order)
+  damp: 0.01           # fraction of mean diag(H) added to the diagonal
+- kind: gptq
+  backend: gptqmodel   # causal LMs: GPTQModel quantizes and writes a standard GPTQ checkpoint
+  bits: 4
+  group_size: 128
+```
+
+Per module the report holds `output_rel_error` (relative error of the layer's output
+on the calibration inputs, exact from the Hessian), `weight_rel_error` and
+`gptq_loss` (GPTQ's own objective); the stage logs them as metrics.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import Field, field_validator, model_validator
+from torch import Tensor, nn
+
+from squeezeflow.compression.catalog import register_step
+from squeezeflow.compression.config import DEFAULT_IGNORE, StepConfig
+from squeezeflow.compression.quantization.gptq.math import Hessian, gptq_quantize, output_error
+from squeezeflow.compression.quantization.qweight import as_stored, attach
+from squeezeflow.compression.step import Needs, Step, StepReport, hooks
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_BITS = (2, 3, 4, 8)
+Backend = Literal["squeezeflow", "gptqmodel"]
+
+
+class GPTQConfig(StepConfig):
+    kind: Literal["gptq"] = "gptq"
+    bits: int = 4  # 4-bit g128 is the usual GPTQ point: ~4.25 bits/weight, small ppl loss
+    group_size: int | None = 128  # None = one grid per output row; a non-divisor gives a short last group
+    symmetric: bool = True  # symmetric grids are what fast int kernels expect
+    act_order: bool = False  # columns by decreasing diag(H); helps most at 3 bits and below
+    static_groups: bool = False  # grids from the unmodified weights, found before any update
+    damp: float = Field(0.01, gt=0.0, lt=1.0)  # the paper's 1% of mean diag(H)
+    block_size: int = Field(128, ge=1)  # lazy-update block: 128 columns as in the paper
+    backend: Backend = "squeezeflow"  # "gptqmodel": GPTQModel quantizes the whole model
+
+    @field_validator("bits")
+    @classmethod
+    def _bits_supported(cls, bits: int) -> int:
+        if bits not in SUPPORTED_BITS:
+            raise ValueError(f"bits must be one of {', '.join(map(str, SUPPORTED_BITS))}")
+        return bits
+
+    @field_validator("group_size")
+    @classmethod
+    def _group_positive(cls, group_size: int | None) -> int | None:
+        if group_size is not None and group_size < 1:
+            raise ValueError("group_size must be a positive integer or null (per output row)")
+        return group_size
+
+    @model_validator(mode="after")
+    def _backend_options(self) -> GPTQConfig:
+        if self.backend == "gptqmodel" and (self.targets != ("*",) or self.ignore != DEFAULT_IGNORE):
+            raise ValueError(
+                "backend 'gptqmodel' quantizes every Linear of every block; "
+                "targets and ignore are only supported by backend 'squeezeflow'"
+            )
+        return self
+
+
+@register_step(GPTQConfig)
+class GPTQStep(Step[GPTQConfig]):
+    needs = Needs.LAYERWISE
+
+    def __init__(self, config: GPTQConfig) -> None:
+        super().__init__(config)
+        self.hessian_by_module: dict[str, Hessian] = {}
+
+    @property
+    def writes_checkpoint(self) -> bool:
+        """With backend gptqmodel the step replaces the whole model and saves it itself."""
+        return self.config.backend == "gptqmodel"
+
+    def write_checkpoint(
+        self, source: Path, calibration: Sequence[dict[str, Tensor]], output: Path
+    ) -> StepReport:
+        from squeezeflow.compression.quantization.gptq.gptqmodel_backend import quantize_with_gptqmodel
+
+        return quantize_with_gptqmodel(self.config, source, calibration, output)
+
+    def select(self, root: nn.Module, prefix: str = "") -> dict[str, nn.Module]:
+        """Linear layers and GPT-2 Conv1D layers matched by `targets`, not by `ignore`."""
+        selected = {}
+        for name, module in root.named_modules():
+            full_name = f"{prefix}.{name}" if prefix and name else (prefix or name)
+            if not full_name or not _is_linear(module):
+                continue
+            if not any(fnmatch.fnmatchcase(full_name, p) for p in self.config.targets):
+                continue
+            if any(fnmatch.fnmatchcase(full_name, p) for p in self.config.ignore):
+                continue
+            selected[full_name] = module
+        return selected
+
+    @contextmanager
+    def observe(self, modules: dict[str, nn.Module]) -> Iterator[None]:
+        """Accumulate each module's input Hessian; X^T X is computed once per shared input."""
+        last: dict[str, Any] = {}  # the last input seen and its X^T X (q/k/v share one input)
+
+        def accumulate(module: nn.Module, args: tuple[Tensor, ...], name: str) -> None:
+            X = args[0]
+            if last.get("input") is not X:
+                X2 = X.detach().reshape(-1, X.shape[-1]).to(torch.float32)  # (tokens, in)
+                last.update(input=X, product=X2.T @ X2, tokens=int(X2.shape[0]))
+            self.hessian_by_module[name].add_product(last["product"], last["tokens"])
+
+        handles = []
+        for name, module in modules.items():
+            self.hessian_by_module[name] = Hessian.zeros(_in_features(module))
+            handles.append(module.register_forward_pre_hook(
+                lambda m, args, name=name: accumulate(m, args, name)
+            ))
+        try:
+            with hooks(handles):
+                yield
+        finally:
+            last.clear()
+
+    def apply(self, modules: dict[str, nn.Module]) -> StepReport:
+        if self.writes_checkpoint:
+            raise RuntimeError(
+                "gptq with backend 'gptqmodel' writes a whole checkpoint; "
+                "run it as the only step of its stage"
+            )
+        per_module = {}
+        for name, module in modules.items():
+            hessian = self.hessian_by_module.pop(name, None)
+            if hessian is None or hessian.count == 0:
+                raise ValueError(f"gptq: {name} saw no calibration inputs (is it used in forward?)")
+            W = as_stored(module, module.weight.detach()).to(torch.float32, copy=True)  # (out, in)
+            result = gptq_quantize(
+                W, hessian.H, self.config.bits, self.config.group_size, self.config.symmetric,
+                damp=self.config.damp, block_size=self.config.block_size,
+                act_order=self.config.act_order, static_groups=self.config.static_groups,
+            )
+            W_hat = attach(module, result.quantized).to(torch.float32)  # (out, in)
+            per_module[name] = {
+                "output_rel_error": output_error(W, W_hat, hessian.H),
+                "weight_rel_error": float((W - W_hat).norm() / W.norm().clamp(min=1e-12)),
+                "gptq_loss": result.loss,
+            }
+        return StepReport(kind=self.config.kind, per_module=per_module)
+
+
+def _is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+def _in_features(module: nn.Module) -> int:
+    weight = module.weight
+    assert isinstance(weight, Tensor)
+    return int(as_stored(module, weight).shape[1])
