@@ -9,8 +9,8 @@ Run as `python -m squeezeflow.evaluation.memory MODEL_DIR TEXTS_JSON BATCH MAX_L
 
 from __future__ import annotations
 
-import json
 import gc
+import json
 import subprocess
 import sys
 from pathlib import Path

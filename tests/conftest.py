@@ -98,7 +98,7 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_for_http(url: str, process: "subprocess.Popen[bytes]", timeout: float) -> None:
+def wait_for_http(url: str, process: subprocess.Popen[bytes], timeout: float) -> None:
     import time
     import urllib.request
 
@@ -114,7 +114,7 @@ def wait_for_http(url: str, process: "subprocess.Popen[bytes]", timeout: float) 
     raise TimeoutError(f"{url} did not answer within {timeout} s")
 
 
-def start_mlflow_server(root: Path, port: int) -> "subprocess.Popen[bytes]":
+def start_mlflow_server(root: Path, port: int) -> subprocess.Popen[bytes]:
     """A real `mlflow server` on loopback (SQLite + artifact folder under `root`), answering."""
     import sys
 
@@ -130,7 +130,7 @@ def start_mlflow_server(root: Path, port: int) -> "subprocess.Popen[bytes]":
     return process
 
 
-def stop_server(process: "subprocess.Popen[bytes]") -> None:
+def stop_server(process: subprocess.Popen[bytes]) -> None:
     import signal
 
     os.killpg(process.pid, signal.SIGTERM)
