@@ -21,15 +21,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
-
-from squeezeflow import sampledata
 from squeezeflow.compression.artifact import load_compressed, save_compressed
 from squeezeflow.compression.catalog import CATALOG
 from squeezeflow.compression.data import tokenized_batches
 from squeezeflow.compression.runners import run_stage_steps
 from squeezeflow.evaluation.perplexity import perplexity
 from squeezeflow.evaluation.size import parameter_counts, weights_bytes
+from torch import nn
+
+from squeezeflow import sampledata
 from squeezeflow.settings import apply_defaults, quiet_progress_bars
 from squeezeflow.testing import tiny_llama, train_causal_lm
 

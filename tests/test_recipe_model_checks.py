@@ -57,8 +57,8 @@ def _write(folder: Path, raw: dict[str, object]) -> Path:
         ([{"kind": "structured", "remove_heads": 4}],
          "stages.0.steps.0.remove_heads: 4 heads removed but the model has 4 per layer"),
         ([{"kind": "structured", "remove_heads": 1}],
-         "stages.0.steps.0.remove_heads: transformers rejects the pruned config: The hidden size (64) "
-         "is not a multiple of the number of attention heads (3)"),
+         ("stages.0.steps.0.remove_heads: transformers rejects the pruned config: The hidden size "
+          "(64) is not a multiple of the number of attention heads (3)")),
         ([{"kind": "share", "group_size": 3}],
          "stages.0.steps.0.group_size: 3 blocks per group but the model has 2"),
         ([{"kind": "moe_merge", "experts": 2}],

@@ -14,9 +14,8 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
-from torch import Tensor, nn
-
 from squeezeflow.compression.step import hooks
+from torch import Tensor, nn
 
 
 class InputSquares:
@@ -51,7 +50,7 @@ class InputGram:
 
 @contextmanager
 def observe_inputs(
-    modules: dict[str, nn.Module], stats: dict[str, Any], factory: type[InputSquares] | type[InputGram]
+    modules: dict[str, nn.Module], stats: dict[str, Any], factory: type[InputSquares | InputGram]
 ) -> Iterator[None]:
     """Feed each module's input into `stats[name]` (created on first use) while inside."""
     handles = []

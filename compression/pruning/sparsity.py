@@ -13,9 +13,8 @@ from typing import Any
 
 import torch
 from pydantic import Field, field_validator, model_validator
-from torch import Tensor
-
 from squeezeflow.compression.config import StepConfig
+from torch import Tensor
 
 PATTERN = re.compile(r"^(\d+):(\d+)$")
 

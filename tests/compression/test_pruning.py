@@ -10,9 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from torch import nn
-
-from squeezeflow import sampledata
 from squeezeflow.compression.artifact import FORMAT_FILE, load_compressed, save_compressed
 from squeezeflow.compression.catalog import CATALOG
 from squeezeflow.compression.data import tokenized_batches
@@ -21,6 +18,9 @@ from squeezeflow.compression.pruning.sparsity import is_valid_nm, nm_mask
 from squeezeflow.compression.quantization.qweight import QUANTIZED_ATTR
 from squeezeflow.compression.runners import run_stage_steps
 from squeezeflow.evaluation.perplexity import perplexity
+from torch import nn
+
+from squeezeflow import sampledata
 from squeezeflow.testing import tiny_llama
 
 PRUNED = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

@@ -26,12 +26,11 @@ from typing import Any, Literal
 
 import torch
 from pydantic import Field, model_validator
-from torch import Tensor, nn
-
 from squeezeflow.compression.catalog import register_step
 from squeezeflow.compression.config import StepConfig
 from squeezeflow.compression.moe.merge.math import RoutingStats, group_experts, merge_weights
 from squeezeflow.compression.step import Needs, Step, StepReport, hooks
+from torch import Tensor, nn
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +100,7 @@ class MoEMergeStep(Step[MoEMergeConfig]):
     def observe(self, modules: dict[str, nn.Module]) -> Iterator[None]:
         handles = []
         for name, block in modules.items():
-            router = block.gate
+            router: Any = block.gate
             self.stats[name] = stats = RoutingStats(router.weight.shape[0])
             top_k = int(getattr(router, "top_k", getattr(block, "top_k", 1)))
 
@@ -117,7 +116,7 @@ class MoEMergeStep(Step[MoEMergeConfig]):
     def apply(self, modules: dict[str, nn.Module]) -> StepReport:
         """Group the experts of every block; `restructure` merges them."""
         per_module = {}
-        for name, block in modules.items():
+        for name in modules:
             stats = self.stats.pop(name)
             frequency = stats.frequency()  # (E,)
             groups = group_experts(frequency, stats.similarity(), self.config.kept(frequency.numel()))
@@ -132,7 +131,8 @@ class MoEMergeStep(Step[MoEMergeConfig]):
         kept = 0
         for name, groups in self.groups.items():
             block = model.get_submodule(name)
-            router, experts = block.gate, block.experts
+            router: Any = block.gate
+            experts: Any = block.experts
             total = router.weight.shape[0]
             frequency = self.frequency[name]
             leaders = torch.tensor([members[0] for members in groups])
@@ -149,5 +149,6 @@ class MoEMergeStep(Step[MoEMergeConfig]):
                     module.num_experts = len(groups)
             kept = len(groups)
         if kept:
-            model.config.num_experts = kept
+            config: Any = model.config
+            config.num_experts = kept
         log.info("moe_merge: %d MoE layers now have %d experts", len(self.groups), kept)

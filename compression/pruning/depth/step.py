@@ -23,13 +23,12 @@ from contextlib import contextmanager
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
-from torch import nn
-
 from squeezeflow.compression.catalog import register_step
 from squeezeflow.compression.config import StepConfig
 from squeezeflow.compression.models import find_blocks
 from squeezeflow.compression.pruning.depth.math import InfluenceMeter, least_influential
 from squeezeflow.compression.step import Needs, Step, StepReport, hooks
+from torch import nn
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +121,7 @@ class DepthStep(Step[DepthConfig]):
             for module in block.modules():
                 if isinstance(getattr(module, "layer_idx", None), int):
                     module.layer_idx = new_index  # the KV cache is indexed by it
-        config = model.config
+        config: Any = model.config  # a PretrainedConfig
         old = config.num_hidden_layers
         for field in PER_LAYER_CONFIG_LISTS:
             values = getattr(config, field, None)

@@ -26,8 +26,6 @@ from typing import Any, Literal
 
 import torch
 from pydantic import Field, model_validator
-from torch import Tensor, nn
-
 from squeezeflow.compression.catalog import register_step
 from squeezeflow.compression.config import StepConfig
 from squeezeflow.compression.pruning.observers import InputSquares, observe_inputs
@@ -39,6 +37,7 @@ from squeezeflow.compression.pruning.structured.math import (
     unit_indices,
 )
 from squeezeflow.compression.step import Needs, Step, StepReport, hooks
+from torch import Tensor, nn
 
 log = logging.getLogger(__name__)
 
@@ -256,7 +255,7 @@ class StructuredStep(Step[StructuredConfig]):
         return StepReport(kind=self.config.kind, per_module=per_module)
 
     def restructure(self, model: nn.Module) -> None:
-        config = model.config
+        config: Any = model.config  # a PretrainedConfig; nn.Module's typing says Tensor | Module
         for name, kept_groups in self.kept_heads.items():
             attention = self.attention[name]
             d = config.head_dim
@@ -271,18 +270,18 @@ class StructuredStep(Step[StructuredConfig]):
             o_proj = _linear(attention.module, attention.o)
             setattr(attention.module, attention.o, slice_linear(o_proj, columns=q_rows))
         if self.kept_heads:
-            kept = len(next(iter(self.kept_heads.values())))
+            kv_kept = len(next(iter(self.kept_heads.values())))
             group = config.num_attention_heads // (config.num_key_value_heads or config.num_attention_heads)
-            config.num_key_value_heads = kept
-            config.num_attention_heads = kept * group
-        for name, kept in self.kept_channels.items():
+            config.num_key_value_heads = kv_kept
+            config.num_attention_heads = kv_kept * group
+        for name, channels in self.kept_channels.items():
             mlp = self.mlps[name]
             for parent, attribute in mlp.inputs:
-                setattr(parent, attribute, slice_linear(_linear(parent, attribute), rows=kept))
+                setattr(parent, attribute, slice_linear(_linear(parent, attribute), rows=channels))
             parent, attribute = mlp.output
-            setattr(parent, attribute, slice_linear(_linear(parent, attribute), columns=kept))
+            setattr(parent, attribute, slice_linear(_linear(parent, attribute), columns=channels))
             if hasattr(parent, "intermediate_size"):
-                parent.intermediate_size = len(kept)
+                setattr(parent, "intermediate_size", len(channels))  # LlamaMLP keeps a copy
         if self.kept_channels:
             config.intermediate_size = len(next(iter(self.kept_channels.values())))
         log.info(

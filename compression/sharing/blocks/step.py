@@ -22,8 +22,6 @@ from typing import Any, Literal
 
 import torch
 from pydantic import Field
-from torch import Tensor, nn
-
 from squeezeflow.compression.catalog import register_step
 from squeezeflow.compression.config import StepConfig
 from squeezeflow.compression.models import find_blocks
@@ -33,6 +31,7 @@ from squeezeflow.compression.sharing.blocks.math import (
     tie_linears,
 )
 from squeezeflow.compression.step import Needs, Step, StepReport, hooks
+from torch import Tensor, nn
 
 log = logging.getLogger(__name__)
 
