@@ -19,7 +19,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from squeezeflow.compression.step import StepReport, summarize
 
@@ -116,9 +116,9 @@ def _quant_log(path: Path, model: Any) -> dict[str, dict[str, float]]:
     if not path.exists():
         log.warning("GPTQModel wrote no %s; no per-module metrics", path.name)
         return {}
-    from squeezeflow.compression.models import find_blocks
-
-    prefix, _ = find_blocks(model.model)
+    # the blocks now hold QuantLinear modules: the largest ModuleList is the block list
+    lists = [(len(m), n) for n, m in model.model.named_modules() if isinstance(m, nn.ModuleList)]
+    prefix = max(lists)[1] if lists else ""
     per_module = {}
     with path.open() as handle:
         for row in csv.DictReader(handle):
