@@ -23,12 +23,13 @@ import torch
 from torch import nn
 
 from squeezeflow.compression.models import find_blocks
-from squeezeflow.compression.step import Needs, Step, StepReport
+from squeezeflow.compression.step import Needs, Step, StepReport, TrainingContext
 
 log = logging.getLogger(__name__)
 
 Batch = dict[str, torch.Tensor]
 Progress = Callable[[str], None]
+TRAINING_NEEDS = {Needs.TRAINING, Needs.TEACHER}  # steps that train instead of observe/apply
 
 
 class _StopForward(Exception):
@@ -40,13 +41,16 @@ def run_stage_steps(
     steps: Sequence[Step[Any]],
     calibration: Sequence[Batch] = (),
     progress: Progress | None = None,
+    training: TrainingContext | None = None,
 ) -> list[StepReport]:
-    """Apply `steps` (one stage) to `model` in place; one report per step."""
+    """Apply `steps` (one stage) to `model` in place; one report per step.
+
+    A step that needs training data or a teacher trains the model (`Step.train`) with
+    `training`; it is the only step of its stage.
+    """
     needs = {step.needs for step in steps}
-    unsupported = needs - {Needs.NOTHING, Needs.CALIBRATION, Needs.LAYERWISE}
-    if unsupported:
-        names = ", ".join(sorted(n.value for n in unsupported))
-        raise ValueError(f"no runner for steps that need {names}")
+    if needs & TRAINING_NEEDS:
+        return run_training(model, steps, training, progress)
     structural = [step.config.kind for step in steps if step.changes_structure]
     if structural and len(steps) > 1:
         raise ValueError(
@@ -58,6 +62,20 @@ def run_stage_steps(
         if Needs.LAYERWISE in needs:
             return run_layerwise(model, steps, calibration, progress)
         return run_basic(model, steps, calibration if Needs.CALIBRATION in needs else (), progress)
+
+
+def run_training(
+    model: nn.Module,
+    steps: Sequence[Step[Any]],
+    training: TrainingContext | None,
+    progress: Progress | None = None,
+) -> list[StepReport]:
+    if len(steps) > 1:
+        trainer = next(step.config.kind for step in steps if step.needs in TRAINING_NEEDS)
+        raise ValueError(f"{trainer} trains the model and must be the only step of its stage")
+    if training is None:
+        raise ValueError(f"{steps[0].config.kind} trains the model, and no training data was given")
+    return [steps[0].train(model, training, progress)]
 
 
 def run_basic(

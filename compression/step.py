@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import enum
 import fnmatch
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Generic, TypeVar
 
@@ -37,11 +38,24 @@ class StepReport(BaseModel):
     kind: str
     metrics: dict[str, float] = Field(default_factory=dict)
     per_module: dict[str, dict[str, float]] = Field(default_factory=dict)
+    # metric name -> [(training step, value), ...]: training curves, logged by step
+    curves: dict[str, list[tuple[int, float]]] = Field(default_factory=dict)
 
     def merge(self, other: StepReport) -> StepReport:
         """Combine reports of the same step from several blocks (layer-wise runner)."""
         per_module = {**self.per_module, **other.per_module}
-        return StepReport(kind=self.kind, metrics=self.metrics, per_module=per_module)
+        return StepReport(kind=self.kind, metrics=self.metrics, per_module=per_module,
+                          curves=self.curves)
+
+
+@dataclass(frozen=True)
+class TrainingContext:
+    """What a training step (Needs.TRAINING / TEACHER) gets besides the model."""
+
+    batches: Sequence[dict[str, Tensor]]  # tokenized training text (the student's tokenizer)
+    folder: Path  # the resumable checkpoint lives here; a rerun with the same folder resumes
+    teacher: Path | None = None  # the teacher's model folder, for Needs.TEACHER
+    seed: int = 0  # data order and initialization of anything the step adds
 
 
 ConfigT = TypeVar("ConfigT", bound=StepConfig)
@@ -79,6 +93,13 @@ class Step(Generic[ConfigT]):
 
     def apply(self, modules: dict[str, nn.Module]) -> StepReport:
         raise NotImplementedError
+
+    def train(
+        self, model: nn.Module, context: TrainingContext, progress: Callable[[str], None] | None = None
+    ) -> StepReport:
+        """Train `model` in place (steps that need TRAINING or TEACHER); the runner calls it
+        instead of `observe`/`apply`."""
+        raise NotImplementedError(f"{type(self).__name__} does not train")
 
     def restructure(self, model: nn.Module) -> None:
         """Change the model's structure after every `apply`; the default changes nothing.

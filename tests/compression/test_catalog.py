@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Literal
 
 import pytest
@@ -13,8 +14,8 @@ from torch import nn
 
 from squeezeflow.compression.catalog import CATALOG, Catalog, UnknownStepError
 from squeezeflow.compression.config import StepConfig
-from squeezeflow.compression.step import Needs, Step, StepReport
-from squeezeflow.testing import tiny_llama, tiny_mixtral
+from squeezeflow.compression.step import Needs, Step, StepReport, TrainingContext
+from squeezeflow.testing import save_model, tiny_llama, tiny_mixtral
 
 
 def test_unknown_kind_names_the_known_kinds() -> None:
@@ -46,7 +47,7 @@ MOE_KINDS = {"moe_merge"}  # steps that need a mixture-of-experts model
 
 
 @pytest.mark.parametrize("kind", CATALOG.kinds())
-def test_step_contract(kind: str) -> None:
+def test_step_contract(kind: str, tmp_path: Path) -> None:
     entry = CATALOG.entry(kind)
     # its documentation carries a YAML snippet that parses into its config
     snippets = _snippets(entry.step_cls)
@@ -64,6 +65,19 @@ def test_step_contract(kind: str) -> None:
     modules = step.select(model)
     assert modules and not any("lm_head" in name or "embed" in name for name in modules)
     batch = tokenizer(["The robot repaired the garden fence."], return_tensors="pt")
+    if step.needs in (Needs.TRAINING, Needs.TEACHER):
+        # training steps train the whole model through `train`, against a teacher
+        teacher, _ = tiny_llama(seed=1)
+        teacher_dir = save_model(teacher, tokenizer, tmp_path / "teacher")
+        short = entry.config_cls.model_validate({"kind": kind, "max_steps": 2, "log_every": 1})
+        step = CATALOG.build(short)
+        before = {name: p.detach().clone() for name, p in model.named_parameters()}
+        context = TrainingContext(batches=[dict(batch)], folder=tmp_path / "train", teacher=teacher_dir)
+        report = step.train(model, context)
+        changed = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
+        assert changed and report.kind == kind and report.curves["loss"][-1][0] == 2
+        assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+        return
     if step.changes_structure:
         # structural steps select what they observe (blocks, MoE layers, Linears), change the
         # model in `restructure`, and the changed model still runs

@@ -1,0 +1,1 @@
+"""Distillation: train a compressed or smaller student to follow its teacher."""

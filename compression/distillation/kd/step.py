@@ -1,0 +1,278 @@
+"""`distill`: train the model as it stands (the student) to follow a teacher.
+
+The teacher is the recipe's base model (`teacher: base`), a registered version
+(`models:/NAME/VERSION`) or a model folder; the stage gets its folder from the flow.
+Losses (weights per term; a term with weight 0 is not computed):
+- `logits`: KL of temperature-softened next-token distributions (causal LMs);
+- `hidden`: student block outputs follow the teacher blocks named by `layer_map`
+  (student block -> teacher block; default: evenly spaced, last to last);
+- `task`: the LM loss on the training text (causal LMs);
+- `embedding`: mean-pooled sentence embeddings follow the teacher's (encoders).
+Without `losses`, causal LMs use logits + hidden, encoders embedding + hidden.
+Training data is the recipe's `training:` section; the last `validation_batches`
+of it are held out for `eval_every` and early stopping (`patience`). The run stops
+at the first of `max_steps`, `max_tokens`, `max_minutes`; a killed run resumes
+from its last checkpoint (every `checkpoint_every` steps). A non-finite loss stops
+training and keeps the last good checkpoint (metric `nan_step` says where).
+
+```yaml
+- kind: distill
+  max_steps: 200
+  lr: 1.0e-4
+- kind: distill
+  teacher: models:/tiny-llama/1
+  losses: {logits: 1.0, hidden: 0.5, task: 0.1}
+  temperature: 2.0
+  layer_map: {0: 1, 1: 3}
+  max_steps: 1000
+  max_minutes: 30
+  eval_every: 50
+  patience: 3
+  train: norms_biases
+- kind: distill
+  losses: {embedding: 1.0, hidden: 1.0}
+  embedding_distance: cosine
+```
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+from torch import nn
+
+from squeezeflow.compression.artifact import load_compressed
+from squeezeflow.compression.catalog import register_step
+from squeezeflow.compression.config import StepConfig, StrictModel
+from squeezeflow.compression.distillation.kd.math import Distance, even_layer_map
+from squeezeflow.compression.distillation.kd.trainer import (
+    Distiller,
+    Objective,
+    Schedule,
+    model_config,
+)
+from squeezeflow.compression.models import detect_kind, find_blocks
+from squeezeflow.compression.quantization.qweight import QUANTIZED_ATTR
+from squeezeflow.compression.step import Needs, Step, StepReport, TrainingContext
+
+log = logging.getLogger(__name__)
+
+NORM_TYPES = ("LayerNorm", "RMSNorm")  # class-name suffixes of normalization layers
+BUDGET_FIELDS = {"max_steps", "max_tokens", "max_minutes", "checkpoint_every", "log_every"}
+
+
+class Losses(StrictModel):
+    logits: float = Field(0.0, ge=0)
+    hidden: float = Field(0.0, ge=0)
+    task: float = Field(0.0, ge=0)
+    embedding: float = Field(0.0, ge=0)
+
+    @model_validator(mode="after")
+    def _some_loss(self) -> Losses:
+        if not any((self.logits, self.hidden, self.task, self.embedding)):
+            raise ValueError("every loss weight is 0; give at least one a positive weight")
+        return self
+
+
+# logits carry most of what a causal LM knows; hidden KD guides the blocks left after
+# pruning. Encoders are used through their pooled embeddings, so those are the target.
+DEFAULT_LOSSES = {
+    "causal-lm": Losses(logits=1.0, hidden=1.0),
+    "encoder": Losses(embedding=1.0, hidden=1.0),
+}
+
+
+class DistillConfig(StepConfig):
+    kind: Literal["distill"] = "distill"
+    teacher: str = "base"  # "base", models:/NAME/VERSION (or @alias), or a model folder
+    losses: Losses | None = None  # None: by model kind (DEFAULT_LOSSES)
+    temperature: float = Field(2.0, gt=0)  # Hinton et al. use 2-5; > 1 shows the teacher's runner-up tokens
+    hidden_distance: Distance = "mse"  # relative MSE; "cosine" ignores scale
+    embedding_distance: Distance = "cosine"  # what retrieval with the embeddings compares
+    layer_map: dict[int, int] | None = None  # student block -> teacher block
+    project: bool = False  # learn student->teacher width maps when hidden sizes differ
+    max_steps: int = Field(200, ge=1)  # a few hundred steps heal a pruned model's first loss
+    max_tokens: int | None = Field(None, ge=1)
+    max_minutes: float | None = Field(None, gt=0)
+    lr: float = Field(1e-4, gt=0)  # fine-tuning rate: the student starts from trained weights
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = Field(10, ge=0)  # lets Adam's moment estimates settle
+    weight_decay: float = Field(0.0, ge=0)  # short runs from trained weights need none
+    grad_clip: float | None = Field(1.0, gt=0)  # caps the first steps' large gradients
+    train: Literal["all", "linears", "norms_biases"] = "all"  # linears: the ones targets/ignore select
+    eval_every: int = Field(0, ge=0)  # steps between validations; 0: no validation
+    validation_batches: int = Field(1, ge=1)  # held out from training when eval_every > 0
+    patience: int = Field(0, ge=0)  # validations without improvement before stopping; 0: never
+    min_delta: float = Field(0.0, ge=0)  # an improvement smaller than this does not count
+    checkpoint_every: int = Field(50, ge=1)  # steps between resumable checkpoints
+    log_every: int = Field(10, ge=1)  # steps per point of the training curves
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DistillConfig:
+        if self.layer_map is not None:
+            bad = {s: t for s, t in self.layer_map.items() if s < 0 or t < 0}
+            if bad:
+                raise ValueError(f"layer_map: block indices must be >= 0, got {bad}")
+        if self.patience and not self.eval_every:
+            raise ValueError("patience: early stopping needs eval_every > 0")
+        return self
+
+    def check_model(self, config: Any) -> Any:
+        """The student's side, read from config.json: its blocks and its kind."""
+        losses = self.losses
+        if losses is not None and detect_kind(config) == "encoder" and (losses.logits or losses.task):
+            raise ValueError("losses: an encoder has no logits; use embedding and hidden losses")
+        if losses is not None and detect_kind(config) == "causal-lm" and losses.embedding:
+            raise ValueError("losses.embedding: for encoders; causal LMs use logits, hidden, task")
+        blocks = getattr(config, "num_hidden_layers", None)
+        if self.layer_map and isinstance(blocks, int):
+            missing = sorted(s for s in self.layer_map if s >= blocks)
+            if missing:
+                raise ValueError(
+                    f"layer_map: student block {missing[0]} does not exist; the student has "
+                    f"{blocks} blocks at this stage"
+                )
+        return config
+
+
+@register_step(DistillConfig)
+class DistillStep(Step[DistillConfig]):
+    needs = Needs.TEACHER
+
+    def apply(self, modules: dict[str, nn.Module]) -> StepReport:
+        raise NotImplementedError("distill trains the model: runners call train(), which needs a teacher")
+
+    def train(
+        self, model: nn.Module, context: TrainingContext, progress: Callable[[str], None] | None = None
+    ) -> StepReport:
+        c = self.config
+        if context.teacher is None:
+            raise ValueError("distill needs a teacher model folder, and none was given")
+        if not context.batches:
+            raise ValueError("distill needs training data, and none was given")
+        teacher = load_compressed(context.teacher).model
+        teacher.requires_grad_(False)
+        kind = detect_kind(model_config(model))
+        losses = c.losses or DEFAULT_LOSSES[kind]
+        layer_map = check_pair(teacher, model, losses, c.layer_map, c.project, str(context.teacher))
+        quantized = [name for name, m in model.named_modules() if getattr(m, QUANTIZED_ATTR, None)]
+        if quantized:
+            raise ValueError(
+                f"distill: the student has quantized Linears ({quantized[0]}, ...); training would "
+                "store them dense. Put the distill stage before quantization stages"
+            )
+        trainable = self._trainable(model)
+        batches = list(context.batches)
+        held_out = c.validation_batches if c.eval_every and len(batches) > c.validation_batches else 0
+        train_batches = batches[: len(batches) - held_out]
+        validation = batches[len(batches) - held_out :]
+        objective = Objective(
+            logits=losses.logits, hidden=losses.hidden, task=losses.task, embedding=losses.embedding,
+            temperature=c.temperature, hidden_distance=c.hidden_distance,
+            embedding_distance=c.embedding_distance, layer_map=layer_map,
+        )
+        schedule = Schedule(
+            max_steps=c.max_steps, max_tokens=c.max_tokens, max_minutes=c.max_minutes, lr=c.lr,
+            schedule=c.schedule, warmup_steps=c.warmup_steps, weight_decay=c.weight_decay,
+            grad_clip=c.grad_clip, eval_every=c.eval_every, patience=c.patience,
+            min_delta=c.min_delta, checkpoint_every=c.checkpoint_every, log_every=c.log_every,
+            seed=context.seed,
+        )
+        # A checkpoint resumes only the same run; a larger budget continues it.
+        fingerprint = {
+            "config": c.model_dump(mode="json", exclude=BUDGET_FIELDS), "seed": context.seed,
+            "batches": len(batches),
+            "tokens": sum(int(b["attention_mask"].sum()) for b in batches),
+            "student_parameters": sum(p.numel() for p in model.parameters()),
+        }
+        requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+        model.requires_grad_(False)
+        for parameter in trainable:
+            parameter.requires_grad_(True)
+        try:
+            distiller = Distiller(
+                model, teacher, objective, schedule, trainable, train_batches, validation,
+                context.folder, fingerprint, causal_lm=kind == "causal-lm", progress=progress,
+            )
+            state = distiller.run()
+        finally:
+            for name, parameter in model.named_parameters():
+                parameter.requires_grad_(requires_grad[name])
+        metrics = {
+            "steps": float(state.step),
+            "tokens": float(state.tokens),
+            "train_seconds": state.seconds,
+            "trainable_parameters": float(sum(p.numel() for p in trainable)),
+            "resumed_from_step": float(distiller.resumed_from or 0),
+            "stopped_early": float(state.stopped_early),
+        }
+        for name in ("loss", "validation_loss", "validation_perplexity"):
+            if state.curves.get(name):
+                metrics[f"final_{name}"] = state.curves[name][-1][1]
+        if state.best_step >= 0:
+            metrics["best_validation_loss"] = state.best_validation
+            metrics["best_step"] = float(state.best_step)
+        if distiller.nan_step is not None:
+            metrics["nan_step"] = float(distiller.nan_step)
+        return StepReport(kind=c.kind, metrics=metrics, curves=state.curves)
+
+    def _trainable(self, model: nn.Module) -> list[nn.Parameter]:
+        """Parameters to train, each once (shared blocks hold one Parameter in several places)."""
+        if self.config.train == "all":
+            chosen = list(model.parameters())
+        elif self.config.train == "linears":
+            chosen = [p for m in self.select(model).values() for p in m.parameters(recurse=False)]
+        else:
+            chosen = [
+                p for name, m in model.named_modules() for pname, p in m.named_parameters(recurse=False)
+                if type(m).__name__.endswith(NORM_TYPES) or pname == "bias"
+            ]
+        unique = list({id(p): p for p in chosen}.values())
+        if not unique:
+            raise ValueError(f"train: {self.config.train!r} selects no parameter of this model")
+        return unique
+
+
+def describe(model: nn.Module, role: str, name: str = "") -> str:
+    config = model_config(model)
+    _, blocks = find_blocks(model)
+    where = f" {name}" if name else ""
+    return (f"{role}{where} ({config.model_type}, {len(blocks)} blocks, hidden "
+            f"{config.hidden_size}, vocabulary {config.vocab_size})")
+
+
+def check_pair(
+    teacher: nn.Module, student: nn.Module, losses: Losses, layer_map: dict[int, int] | None,
+    project: bool, teacher_name: str = "",
+) -> dict[int, int]:
+    """Fail before training when teacher and student cannot be paired; the layer map to use."""
+    both = f"{describe(teacher, 'teacher', teacher_name)} and {describe(student, 'student')}"
+    teacher_config, student_config = model_config(teacher), model_config(student)
+    teacher_kind, student_kind = detect_kind(teacher_config), detect_kind(student_config)
+    if teacher_kind != student_kind:
+        raise ValueError(f"cannot distill: {both}: one is a {teacher_kind}, the other a {student_kind}")
+    if teacher_config.vocab_size != student_config.vocab_size:
+        raise ValueError(f"cannot distill: {both} have different vocabularies; "
+                         "they must share one tokenizer")
+    if student_kind == "encoder" and (losses.logits or losses.task):
+        raise ValueError(f"losses: {both} are encoders: they have no logits")
+    if student_kind == "causal-lm" and losses.embedding:
+        raise ValueError(f"losses.embedding: {both} are causal LMs; use logits, hidden, task")
+    widths_differ = teacher_config.hidden_size != student_config.hidden_size
+    if widths_differ and (losses.hidden or losses.embedding) and not project:
+        raise ValueError(f"cannot distill: {both} have different hidden sizes; set project: true "
+                         "to learn a projection, or drop the hidden/embedding losses")
+    _, teacher_blocks = find_blocks(teacher)
+    _, student_blocks = find_blocks(student)
+    chosen = layer_map if layer_map is not None else even_layer_map(len(student_blocks), len(teacher_blocks))
+    for s, t in sorted(chosen.items()):
+        if s >= len(student_blocks):
+            raise ValueError(f"layer_map: student block {s} does not exist: {both}")
+        if t >= len(teacher_blocks):
+            raise ValueError(f"layer_map: teacher block {t} does not exist: {both}")
+    if losses.hidden and not chosen:
+        raise ValueError("layer_map: empty, but the hidden loss has weight > 0")
+    return dict(chosen)
