@@ -6,8 +6,11 @@ Layout of a saved folder:
   the tensors `NAME.qweight` (codes bit-packed into uint8), `NAME.scales` (fp16),
   `NAME.qzeros` (zero points bit-packed), only when columns were reordered
   `NAME.g_idx`, and only for SmoothQuant-scaled W8A8 layers `NAME.input_scale`;
+  NF4/FP4 Linears (`quantization/codebook.py`) store `NAME.qweight` (4-bit codes),
+  `NAME.scales` (fp16 block absmax) and `NAME.codebook` (16 fp32 values);
 - `squeezeflow.json`: the format version, the model kind and, per quantized
-  Linear, its bits, shape, group size, symmetry and activation bits (8 = W8A8); `tied`: tensors stored once
+  Linear, its bits, shape, group size, symmetry and activation bits (8 = W8A8);
+  `codebook`: per NF4/FP4 Linear its bits, shape, block size and format; `tied`: tensors stored once
   and shared (loading makes the modules share one Parameter again); `factorized`:
   Linears replaced by two thin ones (`FactorizedLinear`) and their rank, rebuilt
   before the weights load.
@@ -36,6 +39,11 @@ from squeezeflow.compression.models import (
     model_class,
 )
 from squeezeflow.compression.packed import to_packed_runtime
+from squeezeflow.compression.quantization.codebook import (
+    CODEBOOK_ATTR,
+    CodebookWeight,
+    current_codebook,
+)
 from squeezeflow.compression.quantization.qweight import (
     QUANTIZED_ATTR,
     QuantizedWeight,
@@ -72,11 +80,23 @@ def save_compressed(
 
     tensors: dict[str, torch.Tensor] = {}
     quantized_specs: dict[str, dict[str, Any]] = {}
+    codebook_specs: dict[str, dict[str, Any]] = {}
     packed_weights: set[str] = set()
     for name, module in model.named_modules():
+        coded = current_codebook(module)
+        if coded is not None:  # 4-bit float codes (NF4/FP4) with block scales
+            tensors.update({
+                f"{name}.qweight": pack_bits(coded.codes, coded.bits),
+                f"{name}.scales": coded.scale.to(torch.float16).contiguous(),
+                f"{name}.codebook": coded.codebook.contiguous(),
+            })
+            codebook_specs[name] = {"bits": coded.bits, "shape": list(coded.shape),
+                                    "block_size": coded.block_size, "format": coded.format}
+            packed_weights.add(f"{name}.weight")
+            continue
         quantized = current_quantized(module)
         if quantized is None:
-            if getattr(module, QUANTIZED_ATTR, None) is not None:
+            if getattr(module, QUANTIZED_ATTR, None) or getattr(module, CODEBOOK_ATTR, None):
                 log.warning("%s changed after quantization; stored dense", name)
             continue
         tensors.update(_packed_tensors(name, quantized))
@@ -107,6 +127,7 @@ def save_compressed(
         "version": FORMAT_VERSION,
         "kind": kind,
         "quantized": quantized_specs,
+        "codebook": codebook_specs,
         "tied": tied,
         "factorized": {
             name: module.rank for name, module in model.named_modules()
@@ -157,6 +178,10 @@ def load_compressed(path: str | Path, runtime: Runtime = "dense") -> LoadedModel
             quantized = _unpack(name, spec, stored, names)
             assign(f"{name}.weight", as_stored(modules[name], quantized.dequantize()))
             setattr(modules[name], QUANTIZED_ATTR, quantized)
+        for name, spec in description.get("codebook", {}).items():
+            coded = _unpack_codebook(name, spec, stored, names)
+            assign(f"{name}.weight", as_stored(modules[name], coded.dequantize()))
+            setattr(modules[name], CODEBOOK_ATTR, coded)
         for name in sorted(names):
             assign(name, stored.get_tensor(name))
     for name, source in description["tied"].items():
@@ -222,6 +247,22 @@ def _unpack(name: str, spec: dict[str, Any], stored: Any, names: set[str]) -> Qu
         symmetric=spec["symmetric"],
         activation_bits=spec.get("activation_bits"),
         input_scale=take("input_scale"),
+    )
+
+
+def _unpack_codebook(name: str, spec: dict[str, Any], stored: Any, names: set[str]) -> CodebookWeight:
+    """Read one NF4/FP4 Linear from an open safetensors file; consumes its names."""
+    keys = {suffix: f"{name}.{suffix}" for suffix in ("qweight", "scales", "codebook")}
+    if not set(keys.values()) <= names:
+        raise ValueError(f"packed tensors of {name} are incomplete")
+    names.difference_update(keys.values())
+    return CodebookWeight(
+        codes=unpack_bits(stored.get_tensor(keys["qweight"]), spec["bits"], tuple(spec["shape"])),
+        scale=stored.get_tensor(keys["scales"]).to(torch.float32),  # (out, blocks)
+        codebook=stored.get_tensor(keys["codebook"]),
+        bits=spec["bits"],
+        block_size=spec["block_size"],
+        format=spec["format"],
     )
 
 

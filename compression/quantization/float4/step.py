@@ -1,0 +1,51 @@
+"""`float4`: 4-bit float weights with block absmax scales, as bitsandbytes stores them.
+
+NF4 (normal-float quantiles, QLoRA) or FP4 (E2M1) codes, one fp16 absmax per block
+of `block_size` input columns. Needs no calibration. The artifact keeps the codes
+packed (4 bits each) with the codebook and block scales; the runtime dequantizes
+to fp32.
+
+```yaml
+- kind: float4
+  format: nf4          # nf4 or fp4
+  block_size: 64       # input columns per absmax scale (bitsandbytes' default)
+```
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from squeezeflow.compression.catalog import register_step
+from squeezeflow.compression.config import StepConfig
+from squeezeflow.compression.quantization.codebook import attach_codebook, quantize_to_codebook
+from squeezeflow.compression.quantization.float4.math import CODEBOOKS
+from squeezeflow.compression.quantization.qweight import as_stored
+from squeezeflow.compression.step import Needs, Step, StepReport
+
+
+class Float4Config(StepConfig):
+    kind: Literal["float4"] = "float4"
+    format: Literal["nf4", "fp4"] = "nf4"  # NF4 fits normally distributed weights best
+    block_size: int = Field(64, ge=1)  # 64: bitsandbytes' default, 0.25 extra bits per weight
+
+
+@register_step(Float4Config)
+class Float4Step(Step[Float4Config]):
+    needs = Needs.NOTHING
+
+    def apply(self, modules: dict[str, nn.Module]) -> StepReport:
+        codebook = CODEBOOKS[self.config.format]()  # (16,)
+        per_module = {}
+        for name, module in modules.items():
+            W = as_stored(module, module.weight.detach()).to(torch.float32, copy=True)  # (out, in)
+            quantized = quantize_to_codebook(W, codebook, self.config.block_size, self.config.format)
+            W_hat = attach_codebook(module, quantized).to(torch.float32)
+            per_module[name] = {
+                "weight_rel_error": float((W - W_hat).norm() / W.norm().clamp(min=1e-12)),
+            }
+        return StepReport(kind=self.config.kind, per_module=per_module)
