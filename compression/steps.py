@@ -4,6 +4,8 @@ Add a new built-in step here; a third-party step registers through the
 `squeezeflow.steps` entry-point group instead.
 """
 
+from squeezeflow.compression.distillation.kd import step as distill  # noqa: F401
+from squeezeflow.compression.distillation.student import step as student  # noqa: F401
 from squeezeflow.compression.lowrank.svd import step as lowrank  # noqa: F401
 from squeezeflow.compression.moe.merge import step as moe_merge  # noqa: F401
 from squeezeflow.compression.pruning.depth import step as depth  # noqa: F401
