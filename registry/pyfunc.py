@@ -17,7 +17,8 @@ class CompressedModel(mlflow.pyfunc.PythonModel):  # type: ignore[misc]
     def load_context(self, context: Any) -> None:
         from squeezeflow.compression.artifact import load_compressed
 
-        self.loaded = load_compressed(context.artifacts[ARTIFACT_KEY])
+        # the packed runtime: quantized Linears on packed int kernels, as users load them
+        self.loaded = load_compressed(context.artifacts[ARTIFACT_KEY], runtime="packed")
 
     def predict(
         self, context: Any, model_input: list[str], params: dict[str, Any] | None = None
