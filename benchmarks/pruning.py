@@ -6,7 +6,9 @@ data; every result is saved with `save_compressed`, reloaded, and measured: held
 perplexity, unique parameters (shared ones once), non-zero parameters and the
 weights' size on disk. Runs with the library only (no Prefect, no MLflow).
 
-Usage: python benchmarks/pruning.py [--steps 200] [--eval 128]
+Usage: python benchmarks/pruning.py [--model recipes/models/tiny-llama] [--steps 200] [--eval 128]
+(`--model` takes the same tiny Llama already written by recipes/tiny_models.py instead of
+training one here, which takes minutes on a busy 2-core machine.)
 Last line: one JSON object {method: {"ppl", "params", "size_mb"}, ..., "base": {...}}.
 """
 
@@ -63,6 +65,7 @@ def measure(model: nn.Module, folder: Path, evaluation: list[dict[str, torch.Ten
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", type=Path, default=None, help="a saved causal-LM folder to use")
     parser.add_argument("--steps", type=int, default=200, help="training steps of the tiny Llama")
     parser.add_argument("--eval", type=int, default=128, help="held-out sentences for perplexity")
     args = parser.parse_args()
@@ -70,9 +73,14 @@ def main() -> None:
     quiet_progress_bars()
 
     start = time.perf_counter()
-    model, tokenizer = tiny_llama(hidden=128, layers=4, heads=4, intermediate=256)
-    train_causal_lm(model, tokenizer, steps=args.steps)
-    print(f"trained the base model in {time.perf_counter() - start:.0f} s")
+    if args.model is not None:
+        loaded = load_compressed(args.model)
+        model, tokenizer = loaded.model, loaded.tokenizer
+        print(f"base model {args.model}")
+    else:
+        model, tokenizer = tiny_llama(hidden=128, layers=4, heads=4, intermediate=256)
+        train_causal_lm(model, tokenizer, steps=args.steps)
+        print(f"trained the base model in {time.perf_counter() - start:.0f} s")
     calibration = list(tokenized_batches(sampledata.sentences(128, seed=11), tokenizer,
                                          batch_size=16, max_length=64))
     evaluation = list(tokenized_batches(sampledata.sentences(args.eval, seed=12), tokenizer,
