@@ -22,7 +22,6 @@ from squeezeflow.compression.quantization.rtn.math import quantize_rtn
 class AdaptiveResult:
     quantized: QuantizedWeight
     error: float  # relative weight error of the chosen size
-    tried: int  # how many group sizes were tried
 
 
 def candidate_group_sizes(columns: int, min_group_size: int) -> list[int]:
@@ -44,9 +43,9 @@ def adaptive_group_quantize(
     W = W.detach().to(torch.float32)
     norm = W.norm().clamp(min=1e-12)
     sizes = candidate_group_sizes(int(W.shape[1]), min_group_size)
-    for tried, size in enumerate(sizes, start=1):
+    for size in sizes:
         quantized = quantize_rtn(W, bits, size, symmetric)
         error = float((W - quantized.dequantize()).norm() / norm)
         if error <= max_error:
             break
-    return AdaptiveResult(quantized=quantized, error=error, tried=tried)
+    return AdaptiveResult(quantized=quantized, error=error)

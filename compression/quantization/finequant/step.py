@@ -19,7 +19,7 @@ from typing import Literal
 
 import torch
 from pydantic import Field, field_validator
-from torch import nn
+from torch import Tensor, nn
 
 from squeezeflow.compression.catalog import register_step
 from squeezeflow.compression.config import StepConfig
@@ -52,7 +52,9 @@ class FineQuantStep(Step[FineQuantConfig]):
     def apply(self, modules: dict[str, nn.Module]) -> StepReport:
         per_module = {}
         for name, module in modules.items():
-            W = as_stored(module, module.weight.detach()).to(torch.float32, copy=True)  # (out, in)
+            weight = module.weight
+            assert isinstance(weight, Tensor)
+            W = as_stored(module, weight.detach()).to(torch.float32, copy=True)  # (out, in)
             result = adaptive_group_quantize(W, self.config.bits, self.config.symmetric,
                                              self.config.max_error, self.config.min_group_size)
             attach(module, result.quantized)

@@ -18,7 +18,7 @@ from typing import Literal
 
 import torch
 from pydantic import Field
-from torch import nn
+from torch import Tensor, nn
 
 from squeezeflow.compression.catalog import register_step
 from squeezeflow.compression.config import StepConfig
@@ -42,7 +42,9 @@ class Float4Step(Step[Float4Config]):
         codebook = CODEBOOKS[self.config.format]()  # (16,)
         per_module = {}
         for name, module in modules.items():
-            W = as_stored(module, module.weight.detach()).to(torch.float32, copy=True)  # (out, in)
+            weight = module.weight
+            assert isinstance(weight, Tensor)
+            W = as_stored(module, weight.detach()).to(torch.float32, copy=True)  # (out, in)
             quantized = quantize_to_codebook(W, codebook, self.config.block_size, self.config.format)
             W_hat = attach_codebook(module, quantized).to(torch.float32)
             per_module[name] = {

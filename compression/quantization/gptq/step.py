@@ -100,7 +100,9 @@ class GPTQStep(Step[GPTQConfig]):
     def write_checkpoint(
         self, source: Path, calibration: Sequence[dict[str, Tensor]], output: Path
     ) -> StepReport:
-        from squeezeflow.compression.quantization.gptq.gptqmodel_backend import quantize_with_gptqmodel
+        from squeezeflow.compression.quantization.gptq.gptqmodel_backend import (
+            quantize_with_gptqmodel,
+        )
 
         return quantize_with_gptqmodel(self.config, source, calibration, output)
 
@@ -153,7 +155,9 @@ class GPTQStep(Step[GPTQConfig]):
             hessian = self.hessian_by_module.pop(name, None)
             if hessian is None or hessian.count == 0:
                 raise ValueError(f"gptq: {name} saw no calibration inputs (is it used in forward?)")
-            W = as_stored(module, module.weight.detach()).to(torch.float32, copy=True)  # (out, in)
+            weight = module.weight
+            assert isinstance(weight, Tensor)
+            W = as_stored(module, weight.detach()).to(torch.float32, copy=True)  # (out, in)
             result = gptq_quantize(
                 W, hessian.H, self.config.bits, self.config.group_size, self.config.symmetric,
                 damp=self.config.damp, block_size=self.config.block_size,
