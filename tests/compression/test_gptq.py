@@ -207,6 +207,47 @@ def test_gpt2_conv1d_layers_are_quantized(tmp_path: Path) -> None:
     assert float((logits - expected).norm() / expected.norm()) < 0.02
 
 
+def _opt() -> nn.Module:
+    from transformers import OPTConfig, OPTForCausalLM
+
+    return OPTForCausalLM(OPTConfig(vocab_size=300, hidden_size=64, num_hidden_layers=2,
+                                    ffn_dim=128, num_attention_heads=4, max_position_embeddings=64,
+                                    word_embed_proj_dim=64))
+
+
+def _qwen2() -> nn.Module:
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    return Qwen2ForCausalLM(Qwen2Config(vocab_size=300, hidden_size=64, intermediate_size=128,
+                                        num_hidden_layers=2, num_attention_heads=4,
+                                        num_key_value_heads=2, max_position_embeddings=64))
+
+
+def _bert() -> nn.Module:
+    from squeezeflow.testing import tiny_bert
+
+    return tiny_bert()[0]
+
+
+@pytest.mark.parametrize("build", [_opt, _qwen2, _bert], ids=["opt", "qwen2", "bert"])
+def test_gptq_runs_on_other_architectures(build) -> None:  # type: ignore[no-untyped-def]
+    torch.manual_seed(0)
+    model = build().eval()
+    ids = torch.randint(5, 250, (4, 24), generator=torch.Generator().manual_seed(0))
+    calibration = [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}]
+    reference = copy.deepcopy(model)
+    reports = run_stage_steps(model, [GPTQStep(GPTQConfig(bits=8, group_size=32))], calibration)
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)
+               and not any(skip in n for skip in ("lm_head", "embed", "pooler", "project"))]
+    assert sorted(reports[0].per_module) == sorted(linears)
+    assert reports[0].metrics["max_output_rel_error"] < 0.02
+    with torch.no_grad():
+        out, expected = model(**calibration[0]), reference(**calibration[0])
+    hidden = out.logits if hasattr(out, "logits") else out.last_hidden_state
+    expected_hidden = expected.logits if hasattr(expected, "logits") else expected.last_hidden_state
+    assert float((hidden - expected_hidden).norm() / expected_hidden.norm()) < 0.02
+
+
 def test_config_errors_name_the_field() -> None:
     with pytest.raises(ValidationError, match="bits must be one of 2, 3, 4, 8"):
         GPTQConfig(bits=5)
