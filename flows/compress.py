@@ -31,6 +31,7 @@ from squeezeflow.tasks.stages import (  # noqa: E402
     register,
     registry_retry_delays,
     run_stage,
+    training_inputs,
 )
 
 
@@ -59,13 +60,22 @@ def compress_recipe(recipe: Recipe, use_cache: bool = True) -> CompressResult:
         if recipe.calibration is not None and recipe.needs_calibration()
         else None
     )
+    training_data = (
+        materialize_data(recipe.training)
+        if recipe.training is not None and recipe.needs_training()
+        else None
+    )
     evaluation_data = materialize_data(recipe.evaluation.data)
 
     current = base
     stages: list[StageResult] = []
     for stage in recipe.stages:
+        training = training_inputs(
+            stage, base, training_data, recipe.training, recipe.registration.tracking_uri
+        )
         result = run_stage(
-            stage, current, calibration, recipe.calibration, recipe.seed, use_cache=use_cache
+            stage, current, calibration, recipe.calibration, recipe.seed, use_cache=use_cache,
+            training=training,
         )
         stages.append(result)
         current = result.checkpoint
@@ -76,6 +86,8 @@ def compress_recipe(recipe: Recipe, use_cache: bool = True) -> CompressResult:
     data_sha256 = {"evaluation": evaluation_data.sha256}
     if calibration is not None:
         data_sha256["calibration"] = calibration.sha256
+    if training_data is not None:
+        data_sha256["training"] = training_data.sha256
     record = RunRecord(
         recipe_name=recipe.name,
         recipe=recipe.model_dump(mode="json"),
@@ -90,7 +102,7 @@ def compress_recipe(recipe: Recipe, use_cache: bool = True) -> CompressResult:
         data_sha256=data_sha256,
         stages=[
             StageRecord(name=s.name, checkpoint_sha256=s.checkpoint.sha256, seconds=s.seconds,
-                        metrics=s.metrics)
+                        metrics=s.metrics, curves=s.curves)
             for s in stages
         ],
         metrics=report.metrics,

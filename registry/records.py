@@ -14,6 +14,8 @@ class StageRecord(BaseModel):
     checkpoint_sha256: str
     seconds: float
     metrics: dict[str, float] = Field(default_factory=dict)
+    # training curves: metric -> [(step, value), ...], logged as metric histories by step
+    curves: dict[str, list[tuple[int, float]]] = Field(default_factory=dict)
 
 
 class RunRecord(BaseModel):

@@ -80,6 +80,7 @@ def log_and_register(record: RunRecord) -> RegisteredVersion:
                 },
             )
             _log_metrics(client, child.info.run_id, stage.metrics | {"seconds": stage.seconds})
+            _log_curves(client, child.info.run_id, stage.curves)
             client.set_terminated(child.info.run_id)
         _log_report(client, run_id, record)
         gates = [result.model_dump() for result in record.gate_results]
@@ -269,6 +270,20 @@ def _log_metrics(client: MlflowClient, run_id: str, metrics: dict[str, float]) -
 
     now = int(time.time() * 1000)
     entries = [Metric(_metric_key(key), float(value), now, 0) for key, value in metrics.items()]
+    for chunk in _chunks(entries, 1000):
+        client.log_batch(run_id, metrics=chunk)
+
+
+def _log_curves(client: MlflowClient, run_id: str,
+                curves: dict[str, list[tuple[int, float]]]) -> None:
+    """Training curves as metric histories: each point logged at its training step."""
+    import time
+
+    now = int(time.time() * 1000)
+    entries = [
+        Metric(_metric_key(name), float(value), now, step)
+        for name, points in curves.items() for step, value in points
+    ]
     for chunk in _chunks(entries, 1000):
         client.log_batch(run_id, metrics=chunk)
 

@@ -37,6 +37,8 @@ from squeezeflow.evaluation.suite import KNOWN_METRICS, EvaluationSettings
 
 log = logging.getLogger(__name__)
 
+CALIBRATION_NEEDS = {Needs.CALIBRATION, Needs.LAYERWISE}  # steps that observe calibration data
+TRAINING_NEEDS = {Needs.TRAINING, Needs.TEACHER}  # steps that train on the `training` text
 MODEL_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
@@ -115,6 +117,7 @@ class Recipe(StrictModel):
     seed: int = 0
     model: ModelSpec = ModelSpec()
     calibration: DataSpec | None = None
+    training: DataSpec | None = None  # text for steps that train (distill)
     evaluation: EvaluationSpec
     stages: tuple[StageSpec, ...] = Field(min_length=1)
     gates: tuple[Gate, ...] = ()
@@ -137,10 +140,21 @@ class Recipe(StrictModel):
                     f"stages.{index}.steps: {structural[0]} changes the model's structure and "
                     "must be the only step of its stage"
                 )
-            if stage.needs() - {Needs.NOTHING} and self.calibration is None:
+            if stage.needs() & CALIBRATION_NEEDS and self.calibration is None:
                 raise ValueError(
                     f"stages.{index} ({stage.name}) has steps that need calibration data; "
                     "add a 'calibration' section"
+                )
+            training = [s.kind for s in stage.steps if CATALOG.entry(s.kind).step_cls.needs in TRAINING_NEEDS]
+            if training and len(stage.steps) > 1:
+                raise ValueError(
+                    f"stages.{index}.steps: {training[0]} trains the model and must be the only "
+                    "step of its stage"
+                )
+            if training and self.training is None:
+                raise ValueError(
+                    f"stages.{index} ({stage.name}) has a step that trains ({training[0]}); "
+                    "add a 'training' section (the text to train on)"
                 )
         for index, gate in enumerate(self.gates):
             if gate.metric not in KNOWN_METRICS:
@@ -155,7 +169,10 @@ class Recipe(StrictModel):
         return hashlib.sha256(canonical.encode()).hexdigest()
 
     def needs_calibration(self) -> bool:
-        return any(stage.needs() - {Needs.NOTHING} for stage in self.stages)
+        return any(stage.needs() & CALIBRATION_NEEDS for stage in self.stages)
+
+    def needs_training(self) -> bool:
+        return any(stage.needs() & TRAINING_NEEDS for stage in self.stages)
 
 
 def parse_recipe(raw: Any, base_dir: Path | None = None) -> Recipe:
@@ -265,7 +282,7 @@ def _resolve_paths(raw: dict[str, Any], base_dir: Path) -> dict[str, Any]:
                 return {**section, "source": str(candidate.resolve())}
         return section
 
-    for key in ("model", "calibration"):
+    for key in ("model", "calibration", "training"):
         raw[key] = resolve(raw.get(key)) if key in raw else raw.get(key)
         if raw[key] is None and key == "model":
             del raw[key]

@@ -29,11 +29,11 @@ from squeezeflow.compression.catalog import CATALOG
 from squeezeflow.compression.data import load_texts, texts_sha256, tokenized_batches
 from squeezeflow.compression.models import detect_kind, load_tokenizer, resolve_source
 from squeezeflow.compression.runners import run_stage_steps
-from squeezeflow.compression.step import Step
+from squeezeflow.compression.step import Step, TrainingContext
 from squeezeflow.evaluation.gates import Gate, GateResult, check_gates
 from squeezeflow.evaluation.report import comparison_rows
 from squeezeflow.evaluation.suite import EvaluationReport, EvaluationSettings, evaluate
-from squeezeflow.recipe import DataSpec, ModelSpec, StageSpec
+from squeezeflow.recipe import TRAINING_NEEDS, DataSpec, ModelSpec, StageSpec
 from squeezeflow.registry.card import model_card
 from squeezeflow.registry.records import RegisteredVersion, RunRecord
 from squeezeflow.registry.runs import artifact_uris, download_model, log_and_register
@@ -48,6 +48,15 @@ class StageResult(BaseModel):
     seconds: float
     metrics: dict[str, float]
     reused: bool  # True when an identical stage output already existed
+    curves: dict[str, list[tuple[int, float]]] = {}  # training curves by step (training stages)
+
+
+class TrainingRef(BaseModel):
+    """What a stage that trains needs besides its source: the text and the teacher."""
+
+    data: DataRef
+    spec: DataSpec  # batch size and max length of the training batches
+    teacher: CheckpointRef | None = None
 
 
 @task(name="materialize-model", cache_policy=NONE, retries=2, retry_delay_seconds=[5, 20])
@@ -83,9 +92,9 @@ def read_texts(ref: DataRef) -> list[str]:
 
 
 def stage_key(stage: StageSpec, source: CheckpointRef, calibration: DataRef | None, seed: int,
-              calibration_spec: DataSpec | None) -> str:
+              calibration_spec: DataSpec | None, training: TrainingRef | None = None) -> str:
     """Content address of a stage's output: what it starts from and what it does."""
-    parts = {
+    parts: dict[str, Any] = {
         "source": source.sha256,
         "stage": stage.model_dump(mode="json"),
         "calibration": calibration.sha256 if calibration else None,
@@ -93,6 +102,11 @@ def stage_key(stage: StageSpec, source: CheckpointRef, calibration: DataRef | No
         "seed": seed,
         "code": code_version(),
     }
+    if training is not None:  # only training stages carry it: other stages keep their keys
+        parts["training"] = {
+            "data": training.data.sha256, "spec": training.spec.model_dump(mode="json"),
+            "teacher": training.teacher.sha256 if training.teacher else None,
+        }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
@@ -104,15 +118,18 @@ def run_stage(
     calibration_spec: DataSpec | None,
     seed: int,
     use_cache: bool = True,
+    training: TrainingRef | None = None,
 ) -> StageResult:
     """Apply one stage to `source`; the output folder is written whole or not at all.
 
     The folder is named by the content hash of everything the stage depends on
     (input checkpoint, stage config, calibration data, seed, code version), so an
     unchanged stage is reused instead of recomputed, also after a crash in a later
-    stage; `use_cache=False` recomputes and replaces it.
+    stage; `use_cache=False` recomputes and replaces it. A stage that trains keeps a
+    resumable checkpoint under `training/<same hash>` until its output is complete, so
+    a killed run continues training where it stopped.
     """
-    key = stage_key(stage, source, calibration, seed, calibration_spec)
+    key = stage_key(stage, source, calibration, seed, calibration_spec, training)
     output = workspace() / "checkpoints" / key
     done = output / "stage.json"
     if use_cache and done.exists():
@@ -122,6 +139,7 @@ def run_stage(
             name=stage.name,
             checkpoint=CheckpointRef(path=str(output), sha256=saved["sha256"], kind=source.kind),
             seconds=saved["seconds"], metrics=saved["metrics"], reused=True,
+            curves=saved.get("curves", {}),
         )
     start = time.perf_counter()
     torch.manual_seed(seed)
@@ -135,6 +153,17 @@ def run_stage(
             read_texts(calibration), tokenizer,
             batch_size=calibration_spec.batch_size, max_length=calibration_spec.max_length,
         ))
+    context = None
+    if training is not None:
+        context = TrainingContext(
+            batches=list(tokenized_batches(
+                read_texts(training.data), tokenizer,
+                batch_size=training.spec.batch_size, max_length=training.spec.max_length,
+            )),
+            folder=workspace() / "training" / key,
+            teacher=Path(training.teacher.path) if training.teacher else None,
+            seed=seed,
+        )
     output.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=output.parent) as scratch:
         staging = Path(scratch) / "model"
@@ -145,30 +174,58 @@ def run_stage(
             assert loaded is not None
             reports = run_stage_steps(
                 loaded.model, steps, batches,
-                progress=lambda m: log.info("stage %s: %s", stage.name, m),
+                progress=lambda m: log.info("stage %s: %s", stage.name, m), training=context,
             )
             seconds = time.perf_counter() - start
             save_compressed(loaded.model, loaded.tokenizer, loaded.kind, staging,
                             metadata={"stage": stage.name, "source_sha256": source.sha256})
         metrics: dict[str, float] = {}
+        curves: dict[str, list[tuple[int, float]]] = {}
         for index, report in enumerate(reports):
             label = f"{index}.{report.kind}"
             metrics |= {f"{label}.{name}": value for name, value in report.metrics.items()}
+            curves |= {f"{label}.{name}": points for name, points in report.curves.items()}
             for module, values in report.per_module.items():
                 metrics |= {f"{label}.{module}.{name}": value for name, value in values.items()}
         digest = folder_sha256(staging)
         (staging / "stage.json").write_text(
-            json.dumps({"sha256": digest, "seconds": seconds, "metrics": metrics})
+            json.dumps({"sha256": digest, "seconds": seconds, "metrics": metrics, "curves": curves})
         )
         if output.exists():  # a crashed earlier attempt left an incomplete folder
             shutil.rmtree(output)
         staging.rename(output)
+    if context is not None:  # the stage is complete: its resumable checkpoint is not needed
+        shutil.rmtree(context.folder, ignore_errors=True)
     log.info("stage %s done in %.1f s", stage.name, seconds)
     return StageResult(
         name=stage.name,
         checkpoint=CheckpointRef(path=str(output), sha256=digest, kind=source.kind),
-        seconds=seconds, metrics=metrics, reused=False,
+        seconds=seconds, metrics=metrics, reused=False, curves=curves,
     )
+
+
+def training_inputs(
+    stage: StageSpec, base: CheckpointRef, data: DataRef | None, spec: DataSpec | None,
+    tracking_uri: str | None = None,
+) -> TrainingRef | None:
+    """The training text and teacher of a stage that trains; None for other stages.
+
+    A step that trains against a teacher names it in its `teacher` field: "base" (the
+    recipe's base model), a registered version `models:/NAME/VERSION` (downloaded here)
+    or a model folder.
+    """
+    trainers = [step for step in stage.steps if CATALOG.entry(step.kind).step_cls.needs in TRAINING_NEEDS]
+    if not trainers:
+        return None
+    if data is None or spec is None:
+        raise ValueError(f"stage {stage.name} trains the model; the recipe needs a 'training' section")
+    source = getattr(trainers[0], "teacher", None)
+    teacher = None
+    if source == "base":
+        teacher = base
+    elif source:
+        teacher = materialize_model(ModelSpec(source=source), tracking_uri)
+    return TrainingRef(data=data, spec=spec, teacher=teacher)
 
 
 def checkpoint_writer(steps: list[Step[Any]]) -> Step[Any] | None:

@@ -35,9 +35,9 @@ def count_executions(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     executed: list[str] = []
     original = stages.run_stage_steps
 
-    def counting(model, steps, batches, progress=None):  # type: ignore[no-untyped-def]
+    def counting(model, steps, batches, progress=None, training=None):  # type: ignore[no-untyped-def]
         executed.append(",".join(step.config.kind for step in steps))
-        return original(model, steps, batches, progress=progress)
+        return original(model, steps, batches, progress=progress, training=training)
 
     monkeypatch.setattr(stages, "run_stage_steps", counting)
     return executed
