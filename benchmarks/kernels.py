@@ -89,18 +89,7 @@ def linear_table(repeats: int, bandwidth: float) -> dict[tuple[int, int, int], d
         weight_bytes["int4 fp32-act"] = weight_bytes["int4"]
         for batch in BATCHES:
             x = torch.randn(batch, in_features, generator=generator)
-            x_bf16 = x.to(torch.bfloat16)
-            variants: dict[str, Callable[[], object]] = {
-                "fp32": lambda: F.linear(x, W),
-                "bf16": lambda: F.linear(x_bf16, W_bf16),
-                "int8": lambda: int8(x),
-                "int4": lambda: int4(x),
-                # the same aten ops fed fp32 activations, to show why the runtime casts
-                "int8 fp32-act": lambda: torch.ops.aten._weight_int8pack_mm(
-                    x, int8.weight, int8_fp32_scales),
-                "int4 fp32-act": lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(
-                    x, int4.weight, int4.op_group, int4_fp32_sz),
-            }
+            variants = linear_variants(x, W, W_bf16, int8, int4, int8_fp32_scales, int4_fp32_sz)
             seconds = interleaved(variants, repeats)
             row = {}
             for name, value in seconds.items():
@@ -108,6 +97,23 @@ def linear_table(repeats: int, bandwidth: float) -> dict[tuple[int, int, int], d
                 row[f"{name}_limit"] = weight_bytes[name] / bandwidth / value
             results[(out_features, in_features, batch)] = row
     return results
+
+
+def linear_variants(
+    x: torch.Tensor, W: torch.Tensor, W_bf16: torch.Tensor, int8: torch.nn.Module,
+    int4: torch.nn.Module, int8_fp32_scales: torch.Tensor, int4_fp32_sz: torch.Tensor,
+) -> dict[str, Callable[[], object]]:
+    x_bf16 = x.to(torch.bfloat16)
+    return {
+        "fp32": lambda: F.linear(x, W),
+        "bf16": lambda: F.linear(x_bf16, W_bf16),
+        "int8": lambda: int8(x),
+        "int4": lambda: int4(x),
+        # the same aten ops fed fp32 activations, to show why the runtime casts
+        "int8 fp32-act": lambda: torch.ops.aten._weight_int8pack_mm(x, int8.weight, int8_fp32_scales),
+        "int4 fp32-act": lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x, int4.weight, int4.op_group, int4_fp32_sz),
+    }
 
 
 def minilm_w8a8(repeats: int) -> dict[str, float]:

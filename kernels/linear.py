@@ -38,6 +38,8 @@ class QuantLinear(nn.Module):
     """Base class: a Linear (in_features -> out_features) with a packed weight."""
 
     format: ClassVar[str] = ""
+    bias: Tensor | None  # (out,) fp32 buffer
+    inv_input_scale: Tensor | None  # (in,) 1 / SmoothQuant factor, or None
 
     def __init__(
         self, in_features: int, out_features: int, bias: Tensor | None,
@@ -116,6 +118,9 @@ class Int8Linear(WeightOnlyLinear):
     """
 
     format = "int8"
+    weight: Tensor  # (out, in) int8: codes - 128
+    scales: Tensor  # (out,) in compute_dtype
+    offset: Tensor | None  # (out,) scale * (zero - 128), only for asymmetric weights
 
     def __init__(
         self, codes: Tensor, scale: Tensor, zero: Tensor, bias: Tensor | None,
@@ -156,6 +161,10 @@ class Int4Linear(WeightOnlyLinear):
     """
 
     format = "int4"
+    weight: Tensor  # aten's opaque int4 packing
+    scales_and_zeros: Tensor  # (in // op_group, out, 2) in compute_dtype
+    perm: Tensor | None  # (in,) column order that makes groups contiguous
+    _codes: Tensor  # (out, in) uint8 codes in group order
 
     def __init__(
         self, codes: Tensor, scale: Tensor, zero: Tensor, group_size: int,
@@ -215,6 +224,9 @@ class W8A8Linear(QuantLinear):
     """
 
     format = "w8a8"
+    weight: Tensor  # (out, in) int8, symmetric
+    weight_scale: Tensor  # (out,) fp32
+    weight_zero: Tensor  # (out,) int64 zeros, as oneDNN takes them
 
     def __init__(
         self, codes: Tensor, scale: Tensor, bias: Tensor | None,
@@ -263,6 +275,10 @@ class DequantLinear(QuantLinear):
     """Fallback for shapes the fast ops reject: keep codes, dequantize on every call."""
 
     format = "dequant"
+    codes: Tensor  # (out, in) uint8
+    scale: Tensor  # (out, groups) fp32
+    zero: Tensor  # (out, groups) fp32
+    g_idx: Tensor  # (in,) int64
 
     def __init__(
         self, codes: Tensor, scale: Tensor, zero: Tensor, g_idx: Tensor,

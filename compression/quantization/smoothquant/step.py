@@ -182,8 +182,10 @@ class SmoothQuantStep(Step[SmoothQuantConfig]):
             if not self._fold_into_norm(norm_name, s):
                 continue
             for n in names:
+                weight = modules[n].weight
+                assert isinstance(weight, Tensor)
                 with torch.no_grad():
-                    modules[n].weight.mul_(s)  # W: (out, in) * s over columns
+                    weight.mul_(s)  # W: (out, in) * s over columns
                 per_module[n] = _metrics(act, s, folded=True)
                 folded.add(n)
         for name, module in modules.items():
