@@ -155,8 +155,8 @@ def onednn_w8a8_mm(
     y: Tensor = torch.ops.onednn.qlinear_pointwise(
         q, 1.0, 0, packed, weight_scale, weight_zero, None, 1.0, 0, torch.float32, "none", [], ""
     )
-    # bias + y * t in one pass; oneDNN's own bias would be added before the scale t
-    return y.mul_(t) if bias is None else torch.addcmul(bias, y, t)
+    # bias + y * t in one in-place pass; oneDNN's own bias would be added before the scale t
+    return y.mul_(t) if bias is None else torch.addcmul(bias, y, t, out=y)
 
 
 def quantize_per_token(x: Tensor, inv_input_scale: Tensor | None) -> tuple[Tensor, Tensor]:
