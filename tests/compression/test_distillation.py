@@ -250,6 +250,22 @@ def test_train_subset_changes_only_norms_and_biases(llama4_dir: Path, tmp_path: 
     assert all(p.requires_grad for p in loaded.model.parameters())  # restored afterwards
 
 
+def test_pruned_weights_stay_pruned_through_training(llama4_dir: Path, tmp_path: Path) -> None:
+    loaded = load_compressed(llama4_dir)
+    student = loaded.model
+    run_stage_steps(student, [CATALOG.build(CATALOG.parse({"kind": "magnitude", "sparsity": 0.5}))])
+    pruned = {name: m.weight == 0 for name, m in student.named_modules()
+              if isinstance(m, torch.nn.Linear) and "lm_head" not in name}
+    before = {name: student.get_submodule(name).weight.clone() for name in pruned}
+    distill(student, llama4_dir, batches(loaded.tokenizer, 32, seed=13), tmp_path / "ckpt",
+            max_steps=5, lr=1e-2)
+    for name, zeros in pruned.items():
+        weight = student.get_submodule(name).weight
+        assert float(zeros.float().mean()) == pytest.approx(0.5, abs=0.01), name
+        assert torch.equal(weight == 0, zeros), name  # the same zeros, no new ones
+        assert not torch.equal(weight, before[name]), name  # the kept weights trained
+
+
 def test_distill_config_errors_name_the_field() -> None:
     from pydantic import ValidationError
 

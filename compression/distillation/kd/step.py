@@ -13,7 +13,8 @@ Training data is the recipe's `training:` section; the last `validation_batches`
 of it are held out for `eval_every` and early stopping (`patience`). The run stops
 at the first of `max_steps`, `max_tokens`, `max_minutes`; a killed run resumes
 from its last checkpoint (every `checkpoint_every` steps). A non-finite loss stops
-training and keeps the last good checkpoint (metric `nan_step` says where).
+training and keeps the last good checkpoint (metric `nan_step` says where). Weights
+pruned to zero by earlier stages stay zero (`keep_sparsity`).
 
 ```yaml
 - kind: distill
@@ -103,6 +104,7 @@ class DistillConfig(StepConfig):
     weight_decay: float = Field(0.0, ge=0)  # short runs from trained weights need none
     grad_clip: float | None = Field(1.0, gt=0)  # caps the first steps' large gradients
     train: Literal["all", "linears", "norms_biases"] = "all"  # linears: the ones targets/ignore select
+    keep_sparsity: bool = True  # pruned (zero) weights stay zero, so pruning survives training
     eval_every: int = Field(0, ge=0)  # steps between validations; 0: no validation
     validation_batches: int = Field(1, ge=1)  # held out from training when eval_every > 0
     patience: int = Field(0, ge=0)  # validations without improvement before stopping; 0: never
@@ -196,6 +198,7 @@ class DistillStep(Step[DistillConfig]):
             distiller = Distiller(
                 model, teacher, objective, schedule, trainable, train_batches, validation,
                 context.folder, fingerprint, causal_lm=kind == "causal-lm", progress=progress,
+                keep_sparsity=c.keep_sparsity,
             )
             state = distiller.run()
         finally:

@@ -106,6 +106,7 @@ class Distiller:
         fingerprint: dict[str, Any],
         causal_lm: bool,
         progress: Progress | None = None,
+        keep_sparsity: bool = True,
     ) -> None:
         self.student, self.teacher = student, teacher
         self.objective, self.schedule = objective, schedule
@@ -114,6 +115,14 @@ class Distiller:
         self.fingerprint = json.dumps(fingerprint, sort_keys=True)
         self.projections = self._projections()
         self.parameters = trainable + list(self.projections.parameters())
+        # Pruned weights stay pruned: the zeros of each trained Linear weight are re-imposed
+        # after every update (weights without zeros need no mask).
+        self.masks = {
+            id(m.weight): (m.weight, m.weight != 0)
+            for m in student.modules()
+            if keep_sparsity and isinstance(m, nn.Linear) and m.weight.requires_grad
+            and bool((m.weight == 0).any())
+        }
         self.optimizer = torch.optim.AdamW(
             self.parameters, lr=schedule.lr, weight_decay=schedule.weight_decay
         )
@@ -154,6 +163,9 @@ class Distiller:
                         self._diverged("gradient norm")
                         break
                     self.optimizer.step()
+                    with torch.no_grad():
+                        for weight, mask in self.masks.values():
+                            weight.mul_(mask)
                     self.scheduler.step()
                     self.state.step += 1
                     self.state.tokens += int(batch["attention_mask"].sum())
