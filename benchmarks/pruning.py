@@ -7,6 +7,9 @@ perplexity, unique parameters (shared ones once), non-zero parameters and the
 weights' size on disk. Runs with the library only (no Prefect, no MLflow).
 
 Usage: python benchmarks/pruning.py [--model recipes/models/tiny-llama] [--steps 200] [--eval 128]
+       [--outliers] [--only METHOD,METHOD]
+(`--outliers` first rescales the model so that a few input features are large, as in
+trained LLMs, without changing its function: see squeezeflow.testing.add_outlier_features.)
 (`--model` takes the same tiny Llama already written by recipes/tiny_models.py instead of
 training one here, which takes minutes on a busy 2-core machine.)
 Last line: one JSON object {method: {"ppl", "params", "size_mb"}, ..., "base": {...}}.
@@ -23,17 +26,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
+
+from squeezeflow import sampledata
 from squeezeflow.compression.artifact import load_compressed, save_compressed
 from squeezeflow.compression.catalog import CATALOG
 from squeezeflow.compression.data import tokenized_batches
 from squeezeflow.compression.runners import run_stage_steps
 from squeezeflow.evaluation.perplexity import perplexity
 from squeezeflow.evaluation.size import parameter_counts, weights_bytes
-from torch import nn
-
-from squeezeflow import sampledata
 from squeezeflow.settings import apply_defaults, quiet_progress_bars
-from squeezeflow.testing import tiny_llama, train_causal_lm
+from squeezeflow.testing import add_outlier_features, tiny_llama, train_causal_lm
 
 # Each method: its stages (each a list of steps), as a recipe would write them.
 METHODS: dict[str, list[list[dict[str, Any]]]] = {
@@ -68,6 +71,8 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=None, help="a saved causal-LM folder to use")
     parser.add_argument("--steps", type=int, default=200, help="training steps of the tiny Llama")
     parser.add_argument("--eval", type=int, default=128, help="held-out sentences for perplexity")
+    parser.add_argument("--outliers", action="store_true", help="give the model large input features")
+    parser.add_argument("--only", default="", help="comma-separated methods to run (default: all)")
     args = parser.parse_args()
     apply_defaults()
     quiet_progress_bars()
@@ -81,6 +86,9 @@ def main() -> None:
         model, tokenizer = tiny_llama(hidden=128, layers=4, heads=4, intermediate=256)
         train_causal_lm(model, tokenizer, steps=args.steps)
         print(f"trained the base model in {time.perf_counter() - start:.0f} s")
+    if args.outliers:
+        add_outlier_features(model)
+    methods = {m: s for m, s in METHODS.items() if not args.only or m in args.only.split(",")}
     calibration = list(tokenized_batches(sampledata.sentences(128, seed=11), tokenizer,
                                          batch_size=16, max_length=64))
     evaluation = list(tokenized_batches(sampledata.sentences(args.eval, seed=12), tokenizer,
@@ -89,7 +97,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         base_dir = save_compressed(model, tokenizer, "causal-lm", Path(scratch) / "base")
         results["base"] = measure(load_compressed(base_dir).model, base_dir, evaluation)
-        for method, stages in METHODS.items():
+        for method, stages in methods.items():
             start = time.perf_counter()
             compressed = copy.deepcopy(model)
             for stage in stages:

@@ -147,3 +147,27 @@ def tiny_mixtral(
     )
     config.architectures = ["MixtralForCausalLM"]
     return MixtralForCausalLM(config).eval(), tokenizer
+
+
+def add_outlier_features(model: PreTrainedModel, count: int = 4, factor: float = 8.0, seed: int = 0) -> None:
+    """Function-preserving rescaling that gives a Llama-style model a few large input features.
+
+    Trained LLMs have a few hidden channels with very large activations (Dettmers et al.
+    2022, LLM.int8()); a tiny model trained for seconds does not. Multiplying an RMSNorm's
+    weight by s and dividing the columns of the Linears it feeds by s leaves every output
+    unchanged (up to rounding), but makes those columns' weights small while their inputs
+    are large: the case where |W| alone is the wrong pruning criterion.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            attention, mlp = layer.self_attn, layer.mlp
+            for norm, linears in (
+                (layer.input_layernorm, (attention.q_proj, attention.k_proj, attention.v_proj)),
+                (layer.post_attention_layernorm, (mlp.gate_proj, mlp.up_proj)),
+            ):
+                s = torch.ones(norm.weight.numel())
+                s[torch.randperm(s.numel(), generator=generator)[:count]] = factor
+                norm.weight.mul_(s)
+                for linear in linears:
+                    linear.weight.div_(s)

@@ -10,6 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
+from torch import nn
+
+from squeezeflow import sampledata
 from squeezeflow.compression.artifact import FORMAT_FILE, load_compressed, save_compressed
 from squeezeflow.compression.catalog import CATALOG
 from squeezeflow.compression.data import tokenized_batches
@@ -18,10 +21,7 @@ from squeezeflow.compression.pruning.sparsity import is_valid_nm, nm_mask
 from squeezeflow.compression.quantization.qweight import QUANTIZED_ATTR
 from squeezeflow.compression.runners import run_stage_steps
 from squeezeflow.evaluation.perplexity import perplexity
-from torch import nn
-
-from squeezeflow import sampledata
-from squeezeflow.testing import tiny_llama
+from squeezeflow.testing import add_outlier_features, tiny_llama
 
 PRUNED = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -119,36 +119,14 @@ def test_sparsegpt_with_bits_packs_a_sparse_quantized_artifact(tmp_path: Path) -
     torch.testing.assert_close(loaded.model(**batch).logits, expected, rtol=0, atol=0)
 
 
-def _give_outlier_features(model: nn.Module, count: int = 4, factor: float = 8.0) -> None:
-    """Function-preserving rescaling that gives the model a few large input features.
-
-    Trained LLMs have a few hidden channels with very large activations (Dettmers
-    et al. 2022); a tiny model trained for seconds does not. Multiplying an RMSNorm's
-    weight by s and dividing the columns of the Linears it feeds by s leaves every
-    output unchanged, but makes those columns' weights small while their inputs are
-    large: the case where |W| alone is the wrong criterion.
-    """
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for layer in model.model.layers:
-            attention, mlp = layer.self_attn, layer.mlp
-            for norm, linears in (
-                (layer.input_layernorm, (attention.q_proj, attention.k_proj, attention.v_proj)),
-                (layer.post_attention_layernorm, (mlp.gate_proj, mlp.up_proj)),
-            ):
-                s = torch.ones(norm.weight.numel())
-                s[torch.randperm(s.numel(), generator=generator)[:count]] = factor
-                norm.weight.mul_(s)
-                for linear in linears:
-                    linear.weight.div_(s)
-
-
 def test_wanda_and_sparsegpt_keep_perplexity_closer_to_base_than_magnitude(
     trained_llama_dir: Path,
 ) -> None:
+    # A few large input features, as trained LLMs have (see add_outlier_features); the
+    # rescaling leaves the model's function unchanged, which the first assertion checks.
     base = load_compressed(trained_llama_dir)
     model = base.model
-    _give_outlier_features(model)
+    add_outlier_features(model)
     calibration = _calibration(base.tokenizer, 64, seed=11)
     evaluation = _calibration(base.tokenizer, 64, seed=12)
     base_ppl = perplexity(model, evaluation)
@@ -169,7 +147,7 @@ def test_wanda_ignores_how_a_feature_is_scaled_between_norm_and_weight(trained_l
     """|W_ij| * ||X_j|| does not change when X_j is scaled up and W_:j down: same mask."""
     plain = load_compressed(trained_llama_dir).model
     rescaled = copy.deepcopy(plain)
-    _give_outlier_features(rescaled)
+    add_outlier_features(rescaled)
     tokenizer = load_compressed(trained_llama_dir).tokenizer
     calibration = _calibration(tokenizer)
     for model in (plain, rescaled):
