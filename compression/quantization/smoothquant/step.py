@@ -16,7 +16,10 @@ so the model stays a plain transformers model. Elsewhere (post-norm BERT blocks,
 whose norm output is also the residual; inputs made by attention or an activation)
 the factor is attached to the Linear and the `w8a8` step that follows in the same
 stage quantizes W * s and divides the input by s inside its fused activation
-quantization. A weight-only quantizer (`rtn`, `gptq`) ignores unfolded factors.
+quantization. A weight-only quantizer (`rtn`, `gptq`) ignores unfolded factors; for
+`gptq` put `smoothquant` in an earlier stage of its own, since gptq observes its
+inputs in the same calibration pass (before the fold) and its observers would count
+as other readers of the norm output, which stops folding.
 Which producer feeds which consumer is observed, not assumed: during calibration a
 torch-function mode records every op that reads a norm's output.
 """
