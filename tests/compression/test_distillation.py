@@ -194,7 +194,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(llama4_dir: Path, tmp
 
     handle = find_blocks(student)[1][0].register_forward_hook(poison)
     report = distill(student, llama4_dir, batches(loaded.tokenizer, 64, seed=13), tmp_path / "ckpt",
-                     max_steps=50, lr=1e-3, checkpoint_every=5, log_every=1)
+                     max_steps=50, lr=1e-3, checkpoint_every=5, log_every=3)
     handle.remove()
     assert report.metrics["nan_step"] == 8
     assert report.metrics["steps"] == 5  # the last good checkpoint
@@ -203,7 +203,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(llama4_dir: Path, tmp
     for name, value in student.state_dict().items():
         assert torch.isfinite(value).all(), name
         torch.testing.assert_close(value, saved["student"][name], msg=name)
-    assert [s for s, _ in report.curves["loss"]] == [1, 2, 3, 4, 5]
+    assert [s for s, _ in report.curves["loss"]] == [3]  # as saved with the step-5 checkpoint
 
 
 def test_mismatched_teacher_and_student_fail_before_training(

@@ -141,6 +141,7 @@ class Distiller:
             self.resumed_from = self.state.step
             self._tell(f"resuming from step {self.state.step} ({self.folder / CHECKPOINT})")
         else:
+            (self.folder / BEST).unlink(missing_ok=True)  # never the best of another run
             self._save()  # step 0: a last good checkpoint exists before the first update
         self.teacher.eval()
         self.student.train()
@@ -154,6 +155,7 @@ class Distiller:
                     loss = sum(parts.values(), torch.zeros(()))
                     if not kd.is_finite(loss):
                         self._diverged("loss")
+                        window = {}  # those steps were rolled back
                         break
                     self.optimizer.zero_grad(set_to_none=True)
                     loss.backward()
@@ -161,6 +163,7 @@ class Distiller:
                     grad_norm = torch.nn.utils.clip_grad_norm_(self.parameters, clip)
                     if not kd.is_finite(grad_norm):
                         self._diverged("gradient norm")
+                        window = {}  # those steps were rolled back
                         break
                     self.optimizer.step()
                     with torch.no_grad():
