@@ -98,7 +98,7 @@ def test_causal_lm_end_to_end(workdir: Path, trained_llama_dir: Path,
     with get_client(sync_client=True) as prefect:
         links = prefect.read_artifacts(artifact_filter=ArtifactFilter(
             key=ArtifactFilterKey(any_=["tiny-llama-q4-quality-vs-size"])))
-    assert links and str(links[0].data).endswith("plots/quality_vs_size.png")
+    assert links and "plots/quality_vs_size.png" in str(links[0].data)
 
     # the registered model loads back and generates
     import mlflow.pyfunc
