@@ -76,7 +76,10 @@ def load_and_quantize(
 ) -> Any:
     """A GPTQModel model loaded from `source` and quantized in memory."""
     gptqmodel = require_gptqmodel()
-    model = gptqmodel.GPTQModel.load(str(source), gptqmodel_quantize_config(config), device="cpu")
+    model = gptqmodel.GPTQModel.load(
+        str(source), gptqmodel_quantize_config(config), device="cpu",
+        dtype=torch.float32,  # GPTQModel picks bf16 on CPU; calibrate at the precision we do
+    )
     model.quantize(
         calibration_samples(calibration),
         batch_size=batch_size,
