@@ -116,3 +116,23 @@ def test_sharing_then_distillation_resumes_after_a_crash_in_training(
     model = load_compressed(result.model_dir).model
     layers = model.model.layers
     assert layers[0].mlp.up_proj.weight is layers[1].mlp.up_proj.weight
+
+
+def test_teacher_from_the_registry(
+    workdir: Path, trained_llama_dir: Path, text_files: dict[str, Path]
+) -> None:
+    from squeezeflow.flows.compress import compress
+    from squeezeflow.registry.lineage import register_folder
+
+    version = register_folder(trained_llama_dir, "tiny-teacher", None)
+    path = write_recipe(workdir, trained_llama_dir, text_files, {"kind": "depth", "remove": 1},
+                        "tiny-llama-registry-teacher")
+    raw = yaml.safe_load(path.read_text())
+    raw["stages"][1]["steps"][0] |= {"teacher": f"models:/tiny-teacher/{version}", "max_steps": 10}
+    path.write_text(yaml.safe_dump(raw))
+    result = compress(str(path))
+    heal = result.stages[1]
+    assert heal.metrics["0.distill.steps"] == 10
+    # the registered version was downloaded into the workspace and used as the teacher
+    downloaded = list((workdir / ".squeezeflow" / "bases").rglob("config.json"))
+    assert len(downloaded) == 1
