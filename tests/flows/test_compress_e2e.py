@@ -138,11 +138,15 @@ def test_encoder_end_to_end_and_list(workdir: Path, tiny_bert_dir: Path,
     embeddings = np.asarray(pyfunc.predict(["The robot repaired the garden fence."]))
     assert embeddings.shape == (1, 64)
     batch = loaded.tokenizer(["The robot repaired the garden fence."], return_tensors="pt")
+    from squeezeflow import load_compressed as load_packed
     from squeezeflow.compression.models import mean_pooled_embeddings
 
+    packed = load_packed(str(folder))  # what the pyfunc serves: the packed int8 runtime
     with torch.no_grad():
-        direct = mean_pooled_embeddings(loaded.model, batch["input_ids"], batch["attention_mask"])
-    np.testing.assert_allclose(embeddings, direct.numpy(), atol=1e-5)
+        direct = mean_pooled_embeddings(packed.model, batch["input_ids"], batch["attention_mask"])
+        dense = mean_pooled_embeddings(loaded.model, batch["input_ids"], batch["attention_mask"])
+    np.testing.assert_allclose(embeddings, direct.numpy(), atol=1e-6)
+    np.testing.assert_allclose(direct.numpy(), dense.numpy(), atol=1e-3)  # kernels vs fp32
 
     listing = CliRunner().invoke(app, ["list", "tiny-bert-q8", "--json"])
     assert listing.exit_code == 0, listing.output
