@@ -6,10 +6,15 @@ The library parts (`squeezeflow.compression`, `squeezeflow.kernels`,
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+# torchao (installed with the [gptq] extra) logs a deprecation warning about enum
+# registration when torch imports it; it is noise for every squeezeflow user.
+logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 
 if TYPE_CHECKING:
     from squeezeflow.compression.artifact import Runtime

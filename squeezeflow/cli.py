@@ -15,9 +15,6 @@ from rich.table import Table
 
 from squeezeflow.settings import apply_defaults, quiet_progress_bars
 
-# before torch is imported: torchao (from the [gptq] extra) warns on import otherwise
-logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
-
 app = typer.Typer(add_completion=False, help="Declarative model compression workflows.")
 console = Console()
 errors = Console(stderr=True)

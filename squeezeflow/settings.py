@@ -5,7 +5,6 @@ Each is a default only (`setdefault`): a value the user exported wins.
 
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 
@@ -26,8 +25,6 @@ DEFAULTS = {
 def apply_defaults() -> None:
     for key, value in DEFAULTS.items():
         os.environ.setdefault(key, value)
-    # torchao (pulled in by the [gptq] extra) warns about enum registration on import
-    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
     # Keep Prefect's local state in the project, not in ~/.prefect.
     os.environ.setdefault("PREFECT_HOME", str(Path.cwd() / ".prefect"))
 
