@@ -14,8 +14,9 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
-from squeezeflow.compression.step import hooks
 from torch import Tensor, nn
+
+from squeezeflow.compression.step import hooks
 
 
 class InputSquares:

@@ -13,8 +13,9 @@ from typing import Any
 
 import torch
 from pydantic import Field, field_validator, model_validator
-from squeezeflow.compression.config import StepConfig
 from torch import Tensor
+
+from squeezeflow.compression.config import StepConfig
 
 PATTERN = re.compile(r"^(\d+):(\d+)$")
 

@@ -10,6 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
+from torch import nn
+from transformers import AutoModelForCausalLM, BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
+
+from squeezeflow import sampledata
 from squeezeflow.compression.artifact import FORMAT_FILE, load_compressed, save_compressed
 from squeezeflow.compression.catalog import CATALOG
 from squeezeflow.compression.data import tokenized_batches
@@ -19,10 +23,6 @@ from squeezeflow.compression.moe.merge.math import group_experts, merge_weights
 from squeezeflow.compression.runners import run_stage_steps
 from squeezeflow.compression.step import StepReport
 from squeezeflow.evaluation.size import weights_bytes
-from torch import nn
-from transformers import AutoModelForCausalLM, BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
-
-from squeezeflow import sampledata
 from squeezeflow.testing import save_model, tiny_llama, tiny_mixtral, word_tokenizer
 
 Batch = dict[str, torch.Tensor]

@@ -29,6 +29,8 @@ from typing import Any, Literal
 
 import torch
 from pydantic import Field, model_validator
+from torch import Tensor, nn
+
 from squeezeflow.compression.catalog import register_step
 from squeezeflow.compression.config import StepConfig
 from squeezeflow.compression.lowrank.factorized import FactorizedLinear, replace_module
@@ -43,7 +45,6 @@ from squeezeflow.compression.lowrank.svd.math import (
 from squeezeflow.compression.pruning.observers import InputGram, observe_inputs
 from squeezeflow.compression.pruning.sparsity import input_widths
 from squeezeflow.compression.step import Needs, Step, StepReport
-from torch import Tensor, nn
 
 log = logging.getLogger(__name__)
 

@@ -26,11 +26,12 @@ from typing import Any, Literal
 
 import torch
 from pydantic import Field, model_validator
+from torch import Tensor, nn
+
 from squeezeflow.compression.catalog import register_step
 from squeezeflow.compression.config import StepConfig
 from squeezeflow.compression.moe.merge.math import RoutingStats, group_experts, merge_weights
 from squeezeflow.compression.step import Needs, Step, StepReport, hooks
-from torch import Tensor, nn
 
 log = logging.getLogger(__name__)
 

@@ -23,12 +23,13 @@ from contextlib import contextmanager
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
+from torch import nn
+
 from squeezeflow.compression.catalog import register_step
 from squeezeflow.compression.config import StepConfig
 from squeezeflow.compression.models import find_blocks
 from squeezeflow.compression.pruning.depth.math import InfluenceMeter, least_influential
 from squeezeflow.compression.step import Needs, Step, StepReport, hooks
-from torch import nn
 
 log = logging.getLogger(__name__)
 

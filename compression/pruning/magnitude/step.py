@@ -13,11 +13,12 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+from torch import nn
+
 from squeezeflow.compression.catalog import register_step
 from squeezeflow.compression.pruning.magnitude.math import magnitude_mask
 from squeezeflow.compression.pruning.sparsity import SparsityConfig, nm_mask
 from squeezeflow.compression.step import Needs, Step, StepReport
-from torch import nn
 
 
 class MagnitudeConfig(SparsityConfig):

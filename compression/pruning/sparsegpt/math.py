@@ -13,13 +13,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import Tensor
+
 from squeezeflow.compression.quantization.qweight import (
     QuantizedWeight,
     group_index,
     qparams,
     quantize_codes,
 )
-from torch import Tensor
 
 
 @dataclass(frozen=True)

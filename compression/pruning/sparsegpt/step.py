@@ -23,13 +23,14 @@ from typing import Literal
 
 import torch
 from pydantic import Field, field_validator
+from torch import nn
+
 from squeezeflow.compression.catalog import register_step
 from squeezeflow.compression.pruning.observers import InputGram, observe_inputs
 from squeezeflow.compression.pruning.sparsegpt.math import QuantSpec, sparsegpt
 from squeezeflow.compression.pruning.sparsity import SparsityConfig
 from squeezeflow.compression.quantization.qweight import attach
 from squeezeflow.compression.step import Needs, Step, StepReport
-from torch import nn
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 

@@ -26,6 +26,8 @@ from typing import Any, Literal
 
 import torch
 from pydantic import Field, model_validator
+from torch import Tensor, nn
+
 from squeezeflow.compression.catalog import register_step
 from squeezeflow.compression.config import StepConfig
 from squeezeflow.compression.pruning.observers import InputSquares, observe_inputs
@@ -37,7 +39,6 @@ from squeezeflow.compression.pruning.structured.math import (
     unit_indices,
 )
 from squeezeflow.compression.step import Needs, Step, StepReport, hooks
-from torch import Tensor, nn
 
 log = logging.getLogger(__name__)
 
@@ -281,7 +282,7 @@ class StructuredStep(Step[StructuredConfig]):
             parent, attribute = mlp.output
             setattr(parent, attribute, slice_linear(_linear(parent, attribute), columns=channels))
             if hasattr(parent, "intermediate_size"):
-                setattr(parent, "intermediate_size", len(channels))  # LlamaMLP keeps a copy
+                parent.intermediate_size = len(channels)  # LlamaMLP keeps a copy
         if self.kept_channels:
             config.intermediate_size = len(next(iter(self.kept_channels.values())))
         log.info(

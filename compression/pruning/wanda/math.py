@@ -6,8 +6,9 @@ Models": score S_ij = |W_ij| * ||X_j||_2, compared within each output row.
 
 from __future__ import annotations
 
-from squeezeflow.compression.pruning.sparsity import nm_mask, row_mask
 from torch import Tensor
+
+from squeezeflow.compression.pruning.sparsity import nm_mask, row_mask
 
 
 def wanda_scores(W: Tensor, x_norm: Tensor) -> Tensor:

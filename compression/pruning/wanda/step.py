@@ -18,12 +18,13 @@ from contextlib import contextmanager
 from typing import Literal
 
 import torch
+from torch import nn
+
 from squeezeflow.compression.catalog import register_step
 from squeezeflow.compression.pruning.observers import InputSquares, observe_inputs
 from squeezeflow.compression.pruning.sparsity import SparsityConfig
 from squeezeflow.compression.pruning.wanda.math import wanda_mask
 from squeezeflow.compression.step import Needs, Step, StepReport
-from torch import nn
 
 
 class WandaConfig(SparsityConfig):

@@ -22,6 +22,8 @@ from typing import Any, Literal
 
 import torch
 from pydantic import Field
+from torch import Tensor, nn
+
 from squeezeflow.compression.catalog import register_step
 from squeezeflow.compression.config import StepConfig
 from squeezeflow.compression.models import find_blocks
@@ -31,7 +33,6 @@ from squeezeflow.compression.sharing.blocks.math import (
     tie_linears,
 )
 from squeezeflow.compression.step import Needs, Step, StepReport, hooks
-from torch import Tensor, nn
 
 log = logging.getLogger(__name__)
 
