@@ -11,7 +11,7 @@ import logging
 from dataclasses import dataclass
 from importlib import import_module
 from importlib.metadata import entry_points
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, get_args
 
 from pydantic import ValidationError
 
@@ -110,10 +110,11 @@ def register_step(config_cls: type[StepConfig]):  # type: ignore[no-untyped-def]
 
 def _kind_of(config_cls: type[StepConfig]) -> str:
     annotation = config_cls.model_fields["kind"].annotation
-    args = getattr(annotation, "__args__", ())
+    args = get_args(annotation)
     if len(args) != 1 or not isinstance(args[0], str):
         raise TypeError(f"{config_cls.__name__}.kind must be Literal['<kind>']")
-    return args[0]
+    kind: str = args[0]
+    return kind
 
 
 __all__ = ["CATALOG", "Catalog", "UnknownStepError", "ValidationError", "register_step"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -68,7 +68,7 @@ def detect_kind(config: PretrainedConfig) -> ModelKind:
     return "encoder"
 
 
-def model_class(kind: ModelKind) -> type:
+def model_class(kind: ModelKind) -> Any:  # an Auto* class: from_pretrained / from_config
     return AutoModelForCausalLM if kind == "causal-lm" else AutoModel
 
 

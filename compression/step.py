@@ -74,7 +74,7 @@ class Step(Generic[ConfigT]):
 
     def select(self, root: nn.Module, prefix: str = "") -> dict[str, nn.Module]:
         """Linear layers under `root` matched by `targets` and not by `ignore`."""
-        selected = {}
+        selected: dict[str, nn.Module] = {}
         for name, module in root.named_modules():
             full_name = f"{prefix}.{name}" if prefix and name else (prefix or name)
             if not isinstance(module, nn.Linear) or not full_name:

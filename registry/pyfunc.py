@@ -13,7 +13,7 @@ import mlflow.pyfunc
 ARTIFACT_KEY = "model"  # the compressed model folder inside the logged pyfunc model
 
 
-class CompressedModel(mlflow.pyfunc.PythonModel):  # type: ignore[misc]
+class CompressedModel(mlflow.pyfunc.PythonModel):  # type: ignore[misc,name-defined]
     def load_context(self, context: Any) -> None:
         from squeezeflow.compression.artifact import load_compressed
 

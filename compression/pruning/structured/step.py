@@ -282,7 +282,7 @@ class StructuredStep(Step[StructuredConfig]):
             parent, attribute = mlp.output
             setattr(parent, attribute, slice_linear(_linear(parent, attribute), columns=channels))
             if hasattr(parent, "intermediate_size"):
-                parent.intermediate_size = len(channels)  # LlamaMLP keeps a copy
+                setattr(parent, "intermediate_size", len(channels))  # noqa: B010 (LlamaMLP keeps a copy)
         if self.kept_channels:
             config.intermediate_size = len(next(iter(self.kept_channels.values())))
         log.info(
