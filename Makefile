@@ -9,7 +9,7 @@ TORCH := torch==2.14.1
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml setup.py | sha256sum | cut -c1-12)
 export GPTQMODEL_CPU_WORKERS ?= $(shell nproc)
 
-.PHONY: demo test install clean-state
+.PHONY: demo test lint install clean-state
 
 $(STAMP):
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy compression kernels evaluation registry
 
 clean-state:
 	rm -rf mlflow.db mlartifacts mlruns .squeezeflow .prefect
