@@ -18,31 +18,24 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field
 from torch import Tensor, nn
 
 from squeezeflow.compression.catalog import register_step
 from squeezeflow.compression.config import StepConfig
+from squeezeflow.compression.quantization.fields import Bits
 from squeezeflow.compression.quantization.finequant.math import adaptive_group_quantize
 from squeezeflow.compression.quantization.qweight import as_stored, attach
 from squeezeflow.compression.step import Needs, Step, StepReport
 
-SUPPORTED_BITS = (2, 3, 4, 8)
-
 
 class FineQuantConfig(StepConfig):
     kind: Literal["finequant"] = "finequant"
-    bits: int = 4  # the format FineQuant targets: 4-bit weights, fp16 activations
+    bits: Bits = 4  # the format FineQuant targets: 4-bit weights, fp16 activations
     max_error: float = Field(0.12, gt=0.0, lt=1.0)  # a g128-like budget on Gaussian weights
     min_group_size: int = Field(32, ge=1)  # finer groups cost more in scales than they save
     symmetric: bool = True
 
-    @field_validator("bits")
-    @classmethod
-    def _bits_supported(cls, bits: int) -> int:
-        if bits not in SUPPORTED_BITS:
-            raise ValueError(f"bits must be one of {', '.join(map(str, SUPPORTED_BITS))}")
-        return bits
 
 
 @register_step(FineQuantConfig)

@@ -34,25 +34,25 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from squeezeflow.compression.catalog import register_step
 from squeezeflow.compression.config import DEFAULT_IGNORE, StepConfig
+from squeezeflow.compression.quantization.fields import Bits, GroupSize
 from squeezeflow.compression.quantization.gptq.math import Hessian, gptq_quantize, output_error
 from squeezeflow.compression.quantization.qweight import as_stored, attach
 from squeezeflow.compression.step import Needs, Step, StepReport, hooks
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_BITS = (2, 3, 4, 8)
 Backend = Literal["squeezeflow", "gptqmodel"]
 
 
 class GPTQConfig(StepConfig):
     kind: Literal["gptq"] = "gptq"
-    bits: int = 4  # 4-bit g128 is the usual GPTQ point: ~4.25 bits/weight, small ppl loss
-    group_size: int | None = 128  # None = one grid per output row; a non-divisor gives a short last group
+    bits: Bits = 4  # 4-bit g128 is the usual GPTQ point: ~4.25 bits/weight, small ppl loss
+    group_size: GroupSize = 128  # None = one grid per output row; a non-divisor gives a short last group
     symmetric: bool = True  # symmetric grids are what fast int kernels expect
     act_order: bool = False  # columns by decreasing diag(H); helps most at 3 bits and below
     static_groups: bool = False  # grids from the unmodified weights, found before any update
@@ -60,19 +60,7 @@ class GPTQConfig(StepConfig):
     block_size: int = Field(128, ge=1)  # lazy-update block: 128 columns as in the paper
     backend: Backend = "squeezeflow"  # "gptqmodel": GPTQModel quantizes the whole model
 
-    @field_validator("bits")
-    @classmethod
-    def _bits_supported(cls, bits: int) -> int:
-        if bits not in SUPPORTED_BITS:
-            raise ValueError(f"bits must be one of {', '.join(map(str, SUPPORTED_BITS))}")
-        return bits
 
-    @field_validator("group_size")
-    @classmethod
-    def _group_positive(cls, group_size: int | None) -> int | None:
-        if group_size is not None and group_size < 1:
-            raise ValueError("group_size must be a positive integer or null (per output row)")
-        return group_size
 
     @model_validator(mode="after")
     def _backend_options(self) -> GPTQConfig:

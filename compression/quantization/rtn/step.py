@@ -13,37 +13,23 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import field_validator
 from torch import nn
 
 from squeezeflow.compression.catalog import register_step
 from squeezeflow.compression.config import StepConfig
+from squeezeflow.compression.quantization.fields import Bits, GroupSize
 from squeezeflow.compression.quantization.qweight import attach
 from squeezeflow.compression.quantization.rtn.math import quantize_rtn
 from squeezeflow.compression.step import Needs, Step, StepReport
 
-SUPPORTED_BITS = (2, 3, 4, 8)
-
 
 class RTNConfig(StepConfig):
     kind: Literal["rtn"] = "rtn"
-    bits: int = 8  # 8 bits keeps encoders within ~1e-3 of fp32 fidelity
-    group_size: int | None = None  # None = per output channel; 128 is the usual 4-bit choice
+    bits: Bits = 8  # 8 bits keeps encoders within ~1e-3 of fp32 fidelity
+    group_size: GroupSize = None  # None = per output channel; 128 is the usual 4-bit choice
     symmetric: bool = True  # symmetric grids are what fast int kernels expect
 
-    @field_validator("bits")
-    @classmethod
-    def _bits_supported(cls, bits: int) -> int:
-        if bits not in SUPPORTED_BITS:
-            raise ValueError(f"bits must be one of {', '.join(map(str, SUPPORTED_BITS))}")
-        return bits
 
-    @field_validator("group_size")
-    @classmethod
-    def _group_positive(cls, group_size: int | None) -> int | None:
-        if group_size is not None and group_size < 1:
-            raise ValueError("group_size must be a positive integer or null (per channel)")
-        return group_size
 
 
 @register_step(RTNConfig)
