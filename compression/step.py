@@ -72,12 +72,16 @@ class Step(Generic[ConfigT]):
     def __init__(self, config: ConfigT) -> None:
         self.config = config
 
+    def accepts(self, module: nn.Module) -> bool:
+        """The module types this step works on: nn.Linear unless a step says otherwise."""
+        return isinstance(module, nn.Linear)
+
     def select(self, root: nn.Module, prefix: str = "") -> dict[str, nn.Module]:
-        """Linear layers under `root` matched by `targets` and not by `ignore`."""
+        """Modules under `root` that `accepts` takes, matched by `targets`, not by `ignore`."""
         selected: dict[str, nn.Module] = {}
         for name, module in root.named_modules():
             full_name = f"{prefix}.{name}" if prefix and name else (prefix or name)
-            if not isinstance(module, nn.Linear) or not full_name:
+            if not self.accepts(module) or not full_name:
                 continue
             if not any(fnmatch.fnmatchcase(full_name, p) for p in self.config.targets):
                 continue

@@ -26,7 +26,6 @@ on the calibration inputs, exact from the Hessian), `weight_rel_error` and
 
 from __future__ import annotations
 
-import fnmatch
 import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -94,19 +93,9 @@ class GPTQStep(Step[GPTQConfig]):
 
         return quantize_with_gptqmodel(self.config, source, calibration, output)
 
-    def select(self, root: nn.Module, prefix: str = "") -> dict[str, nn.Module]:
-        """Linear layers and GPT-2 Conv1D layers matched by `targets`, not by `ignore`."""
-        selected = {}
-        for name, module in root.named_modules():
-            full_name = f"{prefix}.{name}" if prefix and name else (prefix or name)
-            if not full_name or not _is_linear(module):
-                continue
-            if not any(fnmatch.fnmatchcase(full_name, p) for p in self.config.targets):
-                continue
-            if any(fnmatch.fnmatchcase(full_name, p) for p in self.config.ignore):
-                continue
-            selected[full_name] = module
-        return selected
+    def accepts(self, module: nn.Module) -> bool:
+        """Linear layers and GPT-2's Conv1D (a Linear with its weight stored transposed)."""
+        return _is_linear(module)
 
     @contextmanager
     def observe(self, modules: dict[str, nn.Module]) -> Iterator[None]:
