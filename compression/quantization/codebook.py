@@ -18,7 +18,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from squeezeflow.compression.quantization.qweight import SCALE_DTYPE, as_stored, group_index
+from squeezeflow.compression.quantization.qweight import (
+    SCALE_DTYPE,
+    attach,
+    current_stored,
+    group_index,
+)
 
 CODEBOOK_ATTR = "squeezeflow_codebook"  # attribute carrying a Linear's CodebookWeight
 
@@ -68,24 +73,10 @@ def _fp16_at_least(scale: Tensor) -> Tensor:
 
 
 def attach_codebook(module: nn.Module, quantized: CodebookWeight) -> Tensor:
-    """Replace the module's weight by its dequantized value and remember the codes.
-
-    Returns the dequantized weight (out, in); see `qweight.attach` for the contract.
-    """
-    weight = module.weight
-    assert isinstance(weight, Tensor)
-    W_hat = quantized.dequantize(weight.dtype)
-    weight.data.copy_(as_stored(module, W_hat))
-    setattr(module, CODEBOOK_ATTR, quantized)
-    return W_hat
+    """Replace the module's weight by its dequantized value; see `qweight.attach`."""
+    return attach(module, quantized, CODEBOOK_ATTR)
 
 
 def current_codebook(module: nn.Module) -> CodebookWeight | None:
     """The module's CodebookWeight if it still describes the weight exactly."""
-    quantized = getattr(module, CODEBOOK_ATTR, None)
-    weight = getattr(module, "weight", None)
-    if quantized is None or weight is None:
-        return None
-    if not torch.equal(as_stored(module, quantized.dequantize(weight.dtype)), weight.detach()):
-        return None
-    return quantized
+    return current_stored(module, CODEBOOK_ATTR, CodebookWeight)

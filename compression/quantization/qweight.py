@@ -13,6 +13,7 @@ it is `arange(in) // group_size` unless a quantizer reorders columns (act_order)
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol, TypeVar
 
 import torch
 from torch import Tensor
@@ -133,27 +134,47 @@ def as_stored(module: torch.nn.Module, W: Tensor) -> Tensor:
     return W.T if stores_transposed(module) else W
 
 
-def attach(module: torch.nn.Module, quantized: QuantizedWeight) -> Tensor:
+class Dequantizable(Protocol):
+    """Any stored weight format: integer grids here, codebooks in codebook.py."""
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor: ...
+
+
+StoredT = TypeVar("StoredT", bound=Dequantizable)
+
+
+def attach(module: torch.nn.Module, quantized: Dequantizable, attr: str = QUANTIZED_ATTR) -> Tensor:
     """Replace the module's weight by its dequantized value and remember the codes.
 
-    Returns the dequantized weight (out, in). The codes travel with the module so that
-    saving can pack them; a later step that changes the weight makes them stale, and
-    the artifact writer then stores the weight dense (see `current_quantized`).
+    Returns the dequantized weight (out, in). The codes travel with the module (as
+    attribute `attr`) so that saving can pack them; a later step that changes the
+    weight makes them stale, and the artifact writer then stores the weight dense
+    (see `current_quantized`).
     """
     weight = module.weight
     assert isinstance(weight, Tensor)
     W_hat = quantized.dequantize(weight.dtype)
     weight.data.copy_(as_stored(module, W_hat))
-    setattr(module, QUANTIZED_ATTR, quantized)
+    setattr(module, attr, quantized)
     return W_hat
+
+
+def current_stored(module: torch.nn.Module, attr: str, kind: type[StoredT]) -> StoredT | None:
+    """The module's stored format under `attr` if it still describes the weight exactly."""
+    stored = getattr(module, attr, None)
+    weight = getattr(module, "weight", None)
+    if not isinstance(stored, kind) or weight is None:
+        return None
+    if not torch.equal(as_stored(module, stored.dequantize(weight.dtype)), weight.detach()):
+        return None
+    return stored
 
 
 def current_quantized(module: torch.nn.Module) -> QuantizedWeight | None:
     """The module's QuantizedWeight if it still describes the weight exactly."""
-    quantized = getattr(module, QUANTIZED_ATTR, None)
-    weight = getattr(module, "weight", None)
-    if quantized is None or weight is None:
-        return None
-    if not torch.equal(as_stored(module, quantized.dequantize(weight.dtype)), weight.detach()):
-        return None
-    return quantized
+    return current_stored(module, QUANTIZED_ATTR, QuantizedWeight)
+
+
+def relative_error(W: Tensor, W_hat: Tensor) -> float:
+    """||W - W_hat|| / ||W||: the per-layer weight error every quantizer reports."""
+    return float((W - W_hat).norm() / W.norm().clamp(min=1e-12))

@@ -24,7 +24,7 @@ from squeezeflow.compression.catalog import register_step
 from squeezeflow.compression.config import StepConfig
 from squeezeflow.compression.quantization.codebook import attach_codebook, quantize_to_codebook
 from squeezeflow.compression.quantization.float4.math import CODEBOOKS
-from squeezeflow.compression.quantization.qweight import as_stored
+from squeezeflow.compression.quantization.qweight import as_stored, relative_error
 from squeezeflow.compression.step import Needs, Step, StepReport
 
 
@@ -48,6 +48,6 @@ class Float4Step(Step[Float4Config]):
             quantized = quantize_to_codebook(W, codebook, self.config.block_size, self.config.format)
             W_hat = attach_codebook(module, quantized).to(torch.float32)
             per_module[name] = {
-                "weight_rel_error": float((W - W_hat).norm() / W.norm().clamp(min=1e-12)),
+                "weight_rel_error": relative_error(W, W_hat),
             }
         return StepReport(kind=self.config.kind, per_module=per_module)

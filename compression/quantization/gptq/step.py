@@ -40,7 +40,7 @@ from squeezeflow.compression.catalog import register_step
 from squeezeflow.compression.config import DEFAULT_IGNORE, StepConfig
 from squeezeflow.compression.quantization.fields import Bits, GroupSize
 from squeezeflow.compression.quantization.gptq.math import Hessian, gptq_quantize, output_error
-from squeezeflow.compression.quantization.qweight import as_stored, attach
+from squeezeflow.compression.quantization.qweight import as_stored, attach, relative_error
 from squeezeflow.compression.step import Needs, Step, StepReport, hooks
 
 log = logging.getLogger(__name__)
@@ -143,7 +143,7 @@ class GPTQStep(Step[GPTQConfig]):
             W_hat = attach(module, result.quantized).to(torch.float32)  # (out, in)
             per_module[name] = {
                 "output_rel_error": output_error(W, W_hat, hessian.H),
-                "weight_rel_error": float((W - W_hat).norm() / W.norm().clamp(min=1e-12)),
+                "weight_rel_error": relative_error(W, W_hat),
                 "gptq_loss": result.loss,
             }
         return StepReport(kind=self.config.kind, per_module=per_module)

@@ -18,7 +18,7 @@ from torch import nn
 from squeezeflow.compression.catalog import register_step
 from squeezeflow.compression.config import StepConfig
 from squeezeflow.compression.quantization.fields import Bits, GroupSize
-from squeezeflow.compression.quantization.qweight import attach
+from squeezeflow.compression.quantization.qweight import attach, relative_error
 from squeezeflow.compression.quantization.rtn.math import quantize_rtn
 from squeezeflow.compression.step import Needs, Step, StepReport
 
@@ -28,8 +28,6 @@ class RTNConfig(StepConfig):
     bits: Bits = 8  # 8 bits keeps encoders within ~1e-3 of fp32 fidelity
     group_size: GroupSize = None  # None = per output channel; 128 is the usual 4-bit choice
     symmetric: bool = True  # symmetric grids are what fast int kernels expect
-
-
 
 
 @register_step(RTNConfig)
@@ -44,6 +42,6 @@ class RTNStep(Step[RTNConfig]):
             quantized = quantize_rtn(W, self.config.bits, self.config.group_size, self.config.symmetric)
             W_hat = attach(module, quantized).to(torch.float32)
             per_module[name] = {
-                "weight_rel_error": float((W - W_hat).norm() / W.norm().clamp(min=1e-12)),
+                "weight_rel_error": relative_error(W, W_hat),
             }
         return StepReport(kind=self.config.kind, per_module=per_module)

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from squeezeflow.compression.catalog import register_step
 from squeezeflow.compression.config import StepConfig
-from squeezeflow.compression.quantization.qweight import attach
+from squeezeflow.compression.quantization.qweight import attach, relative_error
 from squeezeflow.compression.quantization.smoothquant.step import SMOOTHING_ATTR
 from squeezeflow.compression.quantization.w8a8.math import quantize_w8a8
 from squeezeflow.compression.step import Needs, Step, StepReport
@@ -45,7 +45,7 @@ class W8A8Step(Step[W8A8Config]):
                 delattr(module, SMOOTHING_ATTR)  # consumed: it now lives in the codes
             W_hat = attach(module, quantize_w8a8(W, input_scale)).to(torch.float32)
             per_module[name] = {
-                "weight_rel_error": float((W - W_hat).norm() / W.norm().clamp(min=1e-12)),
+                "weight_rel_error": relative_error(W, W_hat),
                 "smoothed": float(input_scale is not None),
             }
         return StepReport(kind=self.config.kind, per_module=per_module)
