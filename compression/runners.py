@@ -13,17 +13,24 @@ layer-wise.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
-from collections.abc import Callable, Sequence
-from contextlib import ExitStack
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import torch
 from torch import nn
 
 from squeezeflow.compression.models import find_blocks
-from squeezeflow.compression.step import Needs, Step, StepReport, TrainingContext
+from squeezeflow.compression.step import (
+    Needs,
+    Step,
+    StepReport,
+    TrainingContext,
+    calibration_tokens,
+)
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +96,8 @@ def run_basic(
         for step, modules in zip(steps, selected, strict=True):
             observers.enter_context(step.observe(modules))
         for index, batch in enumerate(calibration):
-            model(**batch, **_no_cache(model))
+            with calibration_tokens(batch.get("attention_mask")):
+                model(**batch, **_no_cache(model))
             _tell(progress, f"calibration batch {index + 1}/{len(calibration)}")
     reports = []
     for step, modules in zip(steps, selected, strict=True):
@@ -108,19 +116,24 @@ def run_layerwise(
 ) -> list[StepReport]:
     prefix, blocks = find_blocks(model)
     inputs = capture_block_inputs(model, blocks[0], calibration)
+    masks = [batch.get("attention_mask") for batch in calibration]  # observers skip padding
     reports: list[list[StepReport]] = [[] for _ in steps]
+    bf16 = all(step.calibration_precision == "bf16" for step in steps)
     for index, block in enumerate(blocks):
         block_name = f"{prefix}.{index}"
         selected = [step.select(block, block_name) for step in steps]
-        with ExitStack() as observers:
+        with ExitStack() as observers, calibration_matmuls(bf16):
             for step, modules in zip(steps, selected, strict=True):
                 observers.enter_context(step.observe(modules))
-            for args, kwargs in inputs:
-                block(*args, **kwargs)
+            for (args, kwargs), mask in zip(inputs, masks, strict=True):
+                with calibration_tokens(mask):
+                    block(*args, **kwargs)
         for step, modules, step_reports in zip(steps, selected, reports, strict=True):
-            step_reports.append(step.apply(modules))
+            step_reports.append(step.apply(modules))  # exact fp32: apply does the math
         # The next block sees what this compressed block produces.
-        inputs = [((_hidden(block(*args, **kwargs)), *args[1:]), kwargs) for args, kwargs in inputs]
+        with calibration_matmuls(bf16):
+            inputs = [((_hidden(block(*args, **kwargs)), *args[1:]), kwargs)
+                      for args, kwargs in inputs]
         _tell(progress, f"block {index + 1}/{len(blocks)} done")
     outside = _modules_outside(model, prefix, steps)
     if outside:
@@ -129,6 +142,33 @@ def run_layerwise(
         step.finalize(model, step_reports)
         for step, step_reports in zip(steps, reports, strict=True)
     ]
+
+
+@contextmanager
+def calibration_matmuls(bf16: bool) -> Iterator[None]:
+    """fp32 matmuls with bf16-rounded inputs (fp32 accumulation) while inside, if `bf16`.
+
+    Only where oneDNN runs bf16 natively on this CPU (AVX512-BF16 or AMX): there the
+    calibration forward passes and Hessian products run 2-2.5x faster; elsewhere the
+    emulation would be slower, so matmuls stay exact.
+    """
+    backend: Any = torch.backends.mkldnn.matmul  # typed stubs lack the precision API
+    if not bf16 or not _native_bf16():
+        yield
+        return
+    previous = backend.fp32_precision
+    backend.fp32_precision = "bf16"
+    try:
+        yield
+    finally:
+        backend.fp32_precision = previous
+
+
+@functools.cache
+def _native_bf16() -> bool:
+    capabilities: dict[str, Any] = getattr(torch.cpu, "get_capabilities", dict)()
+    native = capabilities.get("avx512_bf16") or capabilities.get("amx_bf16")
+    return bool(torch.backends.mkldnn.is_available() and native)
 
 
 def capture_block_inputs(

@@ -12,9 +12,10 @@ import enum
 import fnmatch
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Generic, TypeVar
+from typing import Any, ClassVar, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, Field
 from torch import Tensor, nn
@@ -59,6 +60,7 @@ class TrainingContext:
 
 
 ConfigT = TypeVar("ConfigT", bound=StepConfig)
+Precision = Literal["fp32", "bf16"]
 
 
 class Step(Generic[ConfigT]):
@@ -113,6 +115,16 @@ class Step(Generic[ConfigT]):
         """
 
     @property
+    def calibration_precision(self) -> Precision:
+        """Precision of the matmuls in the calibration forward passes that feed `observe`.
+
+        "bf16": the runner lets fp32 matmuls round their inputs to bf16 (fp32
+        accumulation and output) where the CPU does bf16 natively; "fp32" keeps them
+        exact. A stage runs in bf16 only when every one of its steps asks for it.
+        """
+        return "fp32"
+
+    @property
     def writes_checkpoint(self) -> bool:
         """True when the step produces the stage's whole checkpoint folder itself.
 
@@ -134,6 +146,30 @@ class Step(Generic[ConfigT]):
         for report in reports[1:]:
             merged = merged.merge(report)
         return merged.model_copy(update={"metrics": summarize(merged.per_module)})
+
+
+# The attention mask of the calibration batch being run, set by the runners: observers
+# fold only the tokens it marks, so padding does not dilute calibration statistics.
+_token_mask: ContextVar[Tensor | None] = ContextVar("token_mask", default=None)
+
+
+@contextmanager
+def calibration_tokens(mask: Tensor | None) -> Iterator[None]:
+    """While inside, `real_tokens` keeps the positions where `mask` (batch, seq) is nonzero."""
+    token = _token_mask.set(None if mask is None or bool(mask.all()) else mask.bool())
+    try:
+        yield
+    finally:
+        _token_mask.reset(token)
+
+
+def real_tokens(x: Tensor) -> Tensor:
+    """x (..., features) -> (tokens, features): every position, or only the unpadded ones
+    when a runner set the batch's mask and x has its (batch, seq) leading shape."""
+    mask = _token_mask.get()
+    if mask is not None and tuple(x.shape[:-1]) == tuple(mask.shape):
+        return x[mask]
+    return x.reshape(-1, x.shape[-1])
 
 
 @contextmanager

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from squeezeflow.compression.step import hooks
+from squeezeflow.compression.step import hooks, real_tokens
 
 
 class InputSquares:
@@ -25,7 +25,7 @@ class InputSquares:
         self.tokens = 0
 
     def add(self, x: Tensor) -> None:
-        X = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)  # (tokens, in)
+        X = real_tokens(x.detach()).to(torch.float64)  # (tokens, in)
         self.sum_sq += (X * X).sum(dim=0)
         self.tokens += X.shape[0]
 
@@ -40,7 +40,7 @@ class InputGram:
         self.tokens = 0
 
     def add(self, x: Tensor) -> None:
-        X = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)  # (tokens, in)
+        X = real_tokens(x.detach()).to(torch.float64)  # (tokens, in)
         self.gram += X.T @ X
         self.tokens += X.shape[0]
 

@@ -12,7 +12,7 @@ it is `arange(in) // group_size` unless a quantizer reorders columns (act_order)
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol, TypeVar
 
 import torch
@@ -40,6 +40,11 @@ class QuantizedWeight:
     @property
     def shape(self) -> tuple[int, int]:
         return (int(self.codes.shape[0]), int(self.codes.shape[1]))
+
+    def row_slice(self, rows: slice) -> QuantizedWeight:
+        """The output rows `rows` of this weight (same columns, groups and format)."""
+        return replace(self, codes=self.codes[rows].contiguous(),
+                       scale=self.scale[rows].contiguous(), zero=self.zero[rows].contiguous())
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
         scale = self.scale[:, self.g_idx]  # (out, in)

@@ -18,7 +18,7 @@ from squeezeflow.compression.quantization.gptq.step import GPTQConfig, GPTQStep
 from squeezeflow.compression.quantization.qweight import current_quantized, group_index
 from squeezeflow.compression.quantization.rtn.math import quantize_rtn
 from squeezeflow.compression.quantization.rtn.step import RTNConfig, RTNStep
-from squeezeflow.compression.runners import run_stage_steps
+from squeezeflow.compression.runners import _native_bf16, calibration_matmuls, run_stage_steps
 from squeezeflow.evaluation.perplexity import perplexity
 from squeezeflow.testing import tiny_llama, train_causal_lm
 
@@ -114,6 +114,48 @@ def test_hessians_of_layers_sharing_an_input_are_exact() -> None:
         assert not module._forward_pre_hooks
 
 
+def test_layers_sharing_an_input_get_the_result_they_would_get_alone() -> None:
+    """q/k/v (and gate/up) are quantized in one pass over their stacked rows."""
+    model, tokenizer = tiny_llama(hidden=128, layers=1, intermediate=256)
+    batches = list(tokenized_batches(sampledata.sentences(32, seed=3), tokenizer,
+                                     batch_size=16, max_length=32))
+    results = {}
+    for targets in (("*q_proj", "*up_proj"), ("*",)):
+        candidate = copy.deepcopy(model)
+        config = GPTQConfig(targets=targets, calibration_precision="fp32")
+        (report,) = run_stage_steps(candidate, [GPTQStep(config)], batches)
+        modules = dict(candidate.named_modules())
+        results[targets] = {name: (current_quantized(modules[name]), values)
+                            for name, values in report.per_module.items()}
+    alone, stacked = results[("*q_proj", "*up_proj")], results[("*",)]
+    assert len(stacked) == 7
+    for name, (quantized, values) in alone.items():
+        joint, joint_values = stacked[name]
+        assert joint.shape == quantized.shape
+        assert (joint.codes != quantized.codes).float().mean() < 1e-3  # fp rounding ties only
+        torch.testing.assert_close(joint.scale, quantized.scale)
+        assert joint_values["gptq_loss"] == pytest.approx(values["gptq_loss"], rel=1e-4)
+        assert joint_values["output_rel_error"] == pytest.approx(values["output_rel_error"], rel=1e-3)
+
+
+def test_bf16_calibration_matmuls_are_scoped() -> None:
+    backend = torch.backends.mkldnn.matmul
+    before = backend.fp32_precision
+    X = torch.randn(256, 512)
+    with calibration_matmuls(True):
+        inside = backend.fp32_precision
+        fast = X.T @ X
+    assert backend.fp32_precision == before
+    exact = X.T @ X
+    if _native_bf16():  # bf16-rounded inputs, fp32 accumulation: close, not equal
+        assert inside == "bf16" and not torch.equal(fast, exact)
+        torch.testing.assert_close(fast, exact, rtol=0.02, atol=0.5)
+    else:
+        assert inside == before and torch.equal(fast, exact)
+    with calibration_matmuls(False):
+        assert backend.fp32_precision == before
+
+
 @pytest.fixture(scope="module")
 def trained_wide_llama() -> tuple[nn.Module, object, list, list]:
     """A Llama 128 wide (g128 = whole rows of attention, 2 groups in down_proj), briefly trained.
@@ -136,11 +178,13 @@ def quantized_perplexity(trained: tuple, step: GPTQStep | RTNStep) -> tuple[floa
     return perplexity(candidate, held_out), candidate, reports
 
 
-def test_gptq_4bit_g128_perplexity_beats_rtn(trained_wide_llama: tuple) -> None:
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_gptq_4bit_g128_perplexity_beats_rtn(trained_wide_llama: tuple, precision: str) -> None:
     model, _, _, held_out = trained_wide_llama
     base = perplexity(model, held_out)
     rtn, _, _ = quantized_perplexity(trained_wide_llama, RTNStep(RTNConfig(bits=4, group_size=128)))
-    gptq, candidate, reports = quantized_perplexity(trained_wide_llama, GPTQStep(GPTQConfig()))
+    config = GPTQConfig(calibration_precision=precision)
+    gptq, candidate, reports = quantized_perplexity(trained_wide_llama, GPTQStep(config))
     assert rtn > base * 1.001  # the test model is sensitive enough to tell them apart
     # measured: RTN +0.27 %, GPTQ +0.03 % over base
     assert gptq - base < 0.5 * (rtn - base)

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Literal
 
+import pytest
 import torch
 from torch import nn
 
+from squeezeflow.compression.catalog import CATALOG
 from squeezeflow.compression.config import StepConfig
 from squeezeflow.compression.models import find_blocks
 from squeezeflow.compression.runners import run_stage_steps
@@ -89,3 +92,26 @@ def test_stage_needing_data_without_data_is_an_error() -> None:
         assert "calibration" in str(error)
     else:
         raise AssertionError("expected a ValueError")
+
+
+@pytest.mark.parametrize("kind", ["wanda", "gptq", "smoothquant"])
+def test_calibration_statistics_leave_padding_out(kind: str) -> None:
+    """One padded batch calibrates exactly like the same sentences unpadded, one per batch."""
+    model, tokenizer = tiny_llama(layers=2)
+    sentences = ["The robot repaired the garden fence before the storm came.", "It rained.",
+                 "A small dog ran."]
+    padded = [dict(tokenizer(sentences, padding=True, return_tensors="pt"))]
+    assert int(padded[0]["attention_mask"].sum()) < padded[0]["attention_mask"].numel()
+    alone = [dict(tokenizer([s], return_tensors="pt")) for s in sentences]
+    config: dict[str, object] = {"kind": kind}
+    if kind == "wanda":
+        config["sparsity"] = 0.5
+    if kind == "gptq":
+        config["calibration_precision"] = "fp32"
+    results = []
+    for batches in (padded, alone):
+        candidate = copy.deepcopy(model)
+        run_stage_steps(candidate, [CATALOG.build(CATALOG.parse(config))], batches)
+        results.append(candidate.state_dict())
+    for name, tensor in results[0].items():
+        torch.testing.assert_close(tensor, results[1][name], rtol=1e-4, atol=1e-5, msg=name)

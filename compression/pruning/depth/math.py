@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from squeezeflow.compression.step import real_tokens
+
 
 class InfluenceMeter:
     """Running mean of 1 - cos(input, output) over the tokens a block sees."""
@@ -19,8 +21,8 @@ class InfluenceMeter:
         self.tokens = 0
 
     def add(self, x_in: Tensor, x_out: Tensor) -> None:
-        a = x_in.detach().reshape(-1, x_in.shape[-1]).to(torch.float64)  # (tokens, hidden)
-        b = x_out.detach().reshape(-1, x_out.shape[-1]).to(torch.float64)  # (tokens, hidden)
+        a = real_tokens(x_in.detach()).to(torch.float64)  # (tokens, hidden), no padding
+        b = real_tokens(x_out.detach()).to(torch.float64)  # (tokens, hidden)
         cos = torch.nn.functional.cosine_similarity(a, b, dim=-1)  # (tokens,)
         self.total += float((1 - cos).sum())
         self.tokens += a.shape[0]

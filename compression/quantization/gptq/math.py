@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from squeezeflow.compression.quantization.qweight import QuantizedWeight, qparams, quantize_codes
+from squeezeflow.compression.quantization.qweight import QuantizedWeight, qparams
 
 
 @dataclass
@@ -54,7 +54,12 @@ class Hessian:
 @dataclass(frozen=True)
 class GPTQResult:
     quantized: QuantizedWeight
-    loss: float  # sum over columns of (w - q)^2 / [H^-1]_qq / 2: GPTQ's own objective
+    row_losses: Tensor  # (out,) per row, sum over columns of (w - q)^2 / [H^-1]_qq / 2
+
+    @property
+    def loss(self) -> float:
+        """GPTQ's own objective for the whole matrix."""
+        return float(self.row_losses.sum())
 
 
 def gptq_quantize(
@@ -106,30 +111,36 @@ def gptq_quantize(
 
     # Blocks never straddle a group, so a group's grid is found on fully updated columns.
     block = block_size if upfront else size * max(1, block_size // size)
-    codes = torch.empty(rows, columns, dtype=torch.uint8)  # processing order
-    losses = torch.zeros(rows)  # (out,)
+    # Transposed (in, out) so that a column of W is a contiguous row: the per-column
+    # steps below run on contiguous vectors, and a block of columns is a view.
+    Wt = W.T.contiguous()  # (in, out), updated in place
+    scale_t, zero_t = scale.T.contiguous(), zero.T.contiguous()  # (groups, out)
+    codes_t = torch.empty(columns, rows)  # (in, out) processing order, float codes
+    errors_t = torch.empty(columns, rows)  # (in, out) scaled errors (w - q) / d
+    groups_of = group_of.tolist()
+    inverse_d = (1.0 / torch.diagonal(H_inv)).tolist()
+    maxq = float(2**bits - 1)
     for i1 in range(0, columns, block):
         i2 = min(i1 + block, columns)
-        W1 = W[:, i1:i2].clone()  # (out, B) updated inside the block
-        Err1 = torch.empty_like(W1)  # (out, B) scaled errors, for the lazy update
+        W1, C1, E1 = Wt[i1:i2], codes_t[i1:i2], errors_t[i1:i2]  # (B, out) views
         H_inv1 = H_inv[i1:i2, i1:i2]  # (B, B)
         with _single_thread():  # per-column ops are too small to gain from threads
             for i in range(i2 - i1):
                 column = i1 + i
                 if not upfront and column % size == 0:
                     g = column // size
-                    scale[:, g], zero[:, g] = qparams(W1[:, i : i + size], bits, symmetric)
-                g = int(group_of[column])
-                w = W1[:, i]  # (out,)
-                d = H_inv1[i, i]
-                code = quantize_codes(w[:, None], scale[:, g : g + 1], zero[:, g : g + 1], bits)
-                q = scale[:, g] * (code[:, 0] - zero[:, g])  # (out,)
-                codes[:, column] = code[:, 0].to(torch.uint8)
-                err = (w - q) / d  # (out,)
-                losses += err**2 / 2
-                W1[:, i:].addr_(err, H_inv1[i, i:], alpha=-1.0)  # OBS update inside the block
-                Err1[:, i] = err
-        W[:, i2:].addmm_(Err1, H_inv[i1:i2, i2:], alpha=-1.0)  # lazy update of later columns
+                    scale_t[g], zero_t[g] = qparams(W1[i : i + size].T, bits, symmetric)
+                s, z = scale_t[groups_of[column]], zero_t[groups_of[column]]  # (out,)
+                w, c, e = W1[i], C1[i], E1[i]  # (out,) views
+                torch.div(w, s, out=c).round_().add_(z).clamp_(0.0, maxq)  # the code
+                torch.sub(c, z, out=e).mul_(s)  # q, the value on the grid
+                torch.sub(w, e, out=e).mul_(inverse_d[column])  # (w - q) / d
+                # OBS update of the block's later columns (the paper's Alg. 1, inner loop)
+                W1[i + 1 :].addr_(H_inv1[i, i + 1 :], e, alpha=-1.0)
+        Wt[i2:].addmm_(H_inv[i1:i2, i2:].T, E1, alpha=-1.0)  # lazy update of later columns
+    codes = codes_t.T.to(torch.uint8)  # (out, in) processing order
+    scale, zero = scale_t.T.contiguous(), zero_t.T.contiguous()
+    losses = (errors_t.square().sum(dim=0) / 2).to(torch.float64)  # (out,)
 
     inverse = torch.argsort(perm)  # processing order -> original order
     g_idx = group_of[inverse]  # (in,)
@@ -142,7 +153,7 @@ def gptq_quantize(
         group_size=size,
         symmetric=symmetric,
     )
-    return GPTQResult(quantized=quantized, loss=float(losses.sum()))
+    return GPTQResult(quantized=quantized, row_losses=losses)
 
 
 @contextmanager
@@ -171,6 +182,6 @@ def output_error(W: Tensor, W_hat: Tensor, H: Tensor) -> float:
     """
     W = W.to(torch.float32)
     D = W - W_hat.to(torch.float32)  # (out, in)
-    error = torch.einsum("oi,ij,oj->", D, H, D)
-    reference = torch.einsum("oi,ij,oj->", W, H, W)
+    error = ((D @ H) * D).sum()
+    reference = ((W @ H) * W).sum()
     return float(torch.sqrt(error.clamp(min=0) / reference.clamp(min=1e-30)))

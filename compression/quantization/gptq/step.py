@@ -13,6 +13,7 @@ on the columns not yet rounded. Works on nn.Linear and GPT-2's Conv1D.
   act_order: false     # quantize the most active input columns first
   static_groups: false # grids from the original weights (keeps g_idx monotone with act_order)
   damp: 0.01           # fraction of mean diag(H) added to the diagonal
+  calibration_precision: bf16  # fp32 = exact calibration matmuls (slower on CPUs with native bf16)
 - kind: gptq
   backend: gptqmodel   # causal LMs: GPTQModel quantizes and writes a standard GPTQ checkpoint
   bits: 4
@@ -41,7 +42,7 @@ from squeezeflow.compression.config import DEFAULT_IGNORE, StepConfig
 from squeezeflow.compression.quantization.fields import Bits, GroupSize
 from squeezeflow.compression.quantization.gptq.math import Hessian, gptq_quantize, output_error
 from squeezeflow.compression.quantization.qweight import as_stored, attach, relative_error
-from squeezeflow.compression.step import Needs, Step, StepReport, hooks
+from squeezeflow.compression.step import Needs, Precision, Step, StepReport, hooks, real_tokens
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +59,9 @@ class GPTQConfig(StepConfig):
     damp: float = Field(0.01, gt=0.0, lt=1.0)  # the paper's 1% of mean diag(H)
     block_size: int = Field(128, ge=1)  # lazy-update block: 128 columns as in the paper
     backend: Backend = "squeezeflow"  # "gptqmodel": GPTQModel quantizes the whole model
-
-
+    # bf16: calibration forwards and Hessians use bf16 matmuls (fp32 accumulation) on
+    # CPUs with native bf16; the GPTQ solve itself always runs in fp32
+    calibration_precision: Precision = "bf16"
 
     @model_validator(mode="after")
     def _backend_options(self) -> GPTQConfig:
@@ -93,6 +95,10 @@ class GPTQStep(Step[GPTQConfig]):
 
         return quantize_with_gptqmodel(self.config, source, calibration, output)
 
+    @property
+    def calibration_precision(self) -> Precision:
+        return self.config.calibration_precision
+
     def accepts(self, module: nn.Module) -> bool:
         """Linear layers and GPT-2's Conv1D (a Linear with its weight stored transposed)."""
         return _is_linear(module)
@@ -105,7 +111,7 @@ class GPTQStep(Step[GPTQConfig]):
         def accumulate(module: nn.Module, args: tuple[Tensor, ...], name: str) -> None:
             X = args[0]
             if last.get("input") is not X:
-                X2 = X.detach().reshape(-1, X.shape[-1]).to(torch.float32)  # (tokens, in)
+                X2 = real_tokens(X.detach()).to(torch.float32)  # (tokens, in), padding left out
                 last.update(input=X, product=X2.T @ X2, tokens=int(X2.shape[0]))
             self.hessian_by_module[name].add_product(last["product"], last["tokens"])
 
@@ -128,25 +134,53 @@ class GPTQStep(Step[GPTQConfig]):
                 "run it as the only step of its stage"
             )
         per_module = {}
-        for name, module in modules.items():
-            hessian = self.hessian_by_module.pop(name, None)
-            if hessian is None or hessian.count == 0:
-                raise ValueError(f"gptq: {name} saw no calibration inputs (is it used in forward?)")
-            weight = module.weight
-            assert isinstance(weight, Tensor)
-            W = as_stored(module, weight.detach()).to(torch.float32, copy=True)  # (out, in)
+        for names in self._shared_input_groups(modules):
+            # Layers fed the same input (q/k/v, gate/up) share H, so one GPTQ pass over
+            # their stacked rows gives each layer exactly its own result, faster.
+            hessian = self.hessian_by_module[names[0]]
+            Ws = [as_stored(modules[name], _weight(modules[name])).to(torch.float32, copy=True)
+                  for name in names]  # each (out_i, in)
             result = gptq_quantize(
-                W, hessian.H, self.config.bits, self.config.group_size, self.config.symmetric,
-                damp=self.config.damp, block_size=self.config.block_size,
+                torch.cat(Ws), hessian.H, self.config.bits, self.config.group_size,
+                self.config.symmetric, damp=self.config.damp, block_size=self.config.block_size,
                 act_order=self.config.act_order, static_groups=self.config.static_groups,
             )
-            W_hat = attach(module, result.quantized).to(torch.float32)  # (out, in)
-            per_module[name] = {
-                "output_rel_error": output_error(W, W_hat, hessian.H),
-                "weight_rel_error": relative_error(W, W_hat),
-                "gptq_loss": result.loss,
-            }
+            start = 0
+            for name, W in zip(names, Ws, strict=True):
+                rows = slice(start, start + W.shape[0])
+                start = rows.stop
+                W_hat = attach(modules[name], result.quantized.row_slice(rows)).to(torch.float32)
+                per_module[name] = {
+                    "output_rel_error": output_error(W, W_hat, hessian.H),
+                    "weight_rel_error": relative_error(W, W_hat),
+                    "gptq_loss": float(result.row_losses[rows].sum()),
+                }
+        for name in modules:
+            del self.hessian_by_module[name]
         return StepReport(kind=self.config.kind, per_module=per_module)
+
+
+    def _shared_input_groups(self, modules: dict[str, nn.Module]) -> list[list[str]]:
+        """Names of `modules` grouped by identical Hessians, in their original order."""
+        groups: list[list[str]] = []
+        for name in modules:
+            hessian = self.hessian_by_module.get(name)
+            if hessian is None or hessian.count == 0:
+                raise ValueError(f"gptq: {name} saw no calibration inputs (is it used in forward?)")
+            for group in groups:
+                first = self.hessian_by_module[group[0]]
+                if first.count == hessian.count and torch.equal(first.H, hessian.H):
+                    group.append(name)
+                    break
+            else:
+                groups.append([name])
+        return groups
+
+
+def _weight(module: nn.Module) -> Tensor:
+    weight = module.weight
+    assert isinstance(weight, Tensor)
+    return weight.detach()
 
 
 def _is_linear(module: nn.Module) -> bool:

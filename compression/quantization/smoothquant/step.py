@@ -40,7 +40,7 @@ from torch.overrides import TorchFunctionMode
 from squeezeflow.compression.catalog import register_step
 from squeezeflow.compression.config import StepConfig
 from squeezeflow.compression.quantization.smoothquant.math import outlier_ratio, smoothing_scales
-from squeezeflow.compression.step import Needs, Step, StepReport, hooks
+from squeezeflow.compression.step import Needs, Step, StepReport, hooks, real_tokens
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +143,7 @@ class SmoothQuantStep(Step[SmoothQuantConfig]):
         def hook(_: nn.Module, args: tuple[Any, ...]) -> None:
             with self._own_reads():
                 x = args[0].detach()
-                amax = x.abs().reshape(-1, x.shape[-1]).amax(dim=0).to(torch.float32)  # (in,)
+                amax = real_tokens(x).abs().amax(dim=0).to(torch.float32)  # (in,), no padding
                 previous = self.act_amax.get(name)
                 self.act_amax[name] = amax if previous is None else torch.maximum(previous, amax)
             producer = next((n for n, out in norm_outputs.items() if out is args[0]), None)
