@@ -152,7 +152,7 @@ def calibration_matmuls(bf16: bool) -> Iterator[None]:
     calibration forward passes and Hessian products run 2-2.5x faster; elsewhere the
     emulation would be slower, so matmuls stay exact.
     """
-    backend: Any = torch.backends.mkldnn.matmul  # typed stubs lack the precision API
+    backend: Any = getattr(torch.backends.mkldnn, "matmul")  # noqa: B009 (untyped in the stubs)
     if not bf16 or not _native_bf16():
         yield
         return
