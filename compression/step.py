@@ -163,12 +163,18 @@ def calibration_tokens(mask: Tensor | None) -> Iterator[None]:
         _token_mask.reset(token)
 
 
-def real_tokens(x: Tensor) -> Tensor:
+def real_tokens(x: Tensor, flattened: bool = False) -> Tensor:
     """x (..., features) -> (tokens, features): every position, or only the unpadded ones
-    when a runner set the batch's mask and x has its (batch, seq) leading shape."""
+    when a runner set the batch's mask and x has its (batch, seq) leading shape.
+
+    `flattened`: x is (batch * seq, features) with the tokens in order (an MoE router's
+    logits); the mask is flattened to match.
+    """
     mask = _token_mask.get()
     if mask is not None and tuple(x.shape[:-1]) == tuple(mask.shape):
         return x[mask]
+    if mask is not None and flattened and x.dim() == 2 and x.shape[0] == mask.numel():
+        return x[mask.reshape(-1)]
     return x.reshape(-1, x.shape[-1])
 
 

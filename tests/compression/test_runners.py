@@ -15,8 +15,8 @@ from squeezeflow.compression.catalog import CATALOG
 from squeezeflow.compression.config import StepConfig
 from squeezeflow.compression.models import find_blocks
 from squeezeflow.compression.runners import run_stage_steps
-from squeezeflow.compression.step import Needs, Step, StepReport, hooks
-from squeezeflow.testing import tiny_bert, tiny_llama
+from squeezeflow.compression.step import Needs, Step, StepReport, calibration_tokens, hooks
+from squeezeflow.testing import tiny_bert, tiny_llama, tiny_mixtral
 
 
 class RecordConfig(StepConfig):
@@ -115,3 +115,23 @@ def test_calibration_statistics_leave_padding_out(kind: str) -> None:
         results.append(candidate.state_dict())
     for name, tensor in results[0].items():
         torch.testing.assert_close(tensor, results[1][name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_moe_routing_statistics_leave_padding_out() -> None:
+    """The router's logits come flattened (batch * seq, experts); padding is still dropped."""
+    model, tokenizer = tiny_mixtral()
+    sentences = ["The robot repaired the garden fence before the storm came.", "It rained."]
+    padded = [dict(tokenizer(sentences, padding=True, return_tensors="pt"))]
+    alone = [dict(tokenizer([s], return_tensors="pt")) for s in sentences]
+    stats = []
+    for batches in (padded, alone):
+        step = CATALOG.build(CATALOG.parse({"kind": "moe_merge", "experts": 2}))
+        modules = step.select(model)
+        with step.observe(modules), torch.no_grad():
+            for batch in batches:
+                with calibration_tokens(batch["attention_mask"]):
+                    model(**batch, use_cache=False)
+        stats.append({name: step.stats[name] for name in modules})
+    for name, routing in stats[0].items():
+        torch.testing.assert_close(routing.counts, stats[1][name].counts)
+        torch.testing.assert_close(routing.gram, stats[1][name].gram)

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from squeezeflow.compression.catalog import register_step
 from squeezeflow.compression.config import StepConfig
 from squeezeflow.compression.moe.merge.math import RoutingStats, group_experts, merge_weights
-from squeezeflow.compression.step import Needs, Step, StepReport, hooks
+from squeezeflow.compression.step import Needs, Step, StepReport, hooks, real_tokens
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ class MoEMergeStep(Step[MoEMergeConfig]):
             def record(_: nn.Module, args: tuple[Any, ...], output: Any,
                        stats: RoutingStats = stats, top_k: int = top_k) -> None:
                 logits = output[0] if isinstance(output, tuple | list) else output
-                stats.add(logits, top_k)
+                stats.add(real_tokens(logits, flattened=True), top_k)  # padding left out
 
             handles.append(router.register_forward_hook(record))
         with hooks(handles):
