@@ -7,6 +7,7 @@ perplexity, unique parameters (shared ones once), non-zero parameters and the
 weights' size on disk. Runs with the library only (no Prefect, no MLflow).
 
 Usage: python benchmarks/pruning.py [--model recipes/models/tiny-llama] [--steps 200] [--eval 128]
+       [--hidden 128] [--layers 4] [--lr 0.003] [--seed 0]
        [--outliers] [--only METHOD,METHOD]
 (`--outliers` first rescales the model so that a few input features are large, as in
 trained LLMs, without changing its function: see squeezeflow.testing.add_outlier_features.)
@@ -70,6 +71,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", type=Path, default=None, help="a saved causal-LM folder to use")
     parser.add_argument("--steps", type=int, default=200, help="training steps of the tiny Llama")
+    parser.add_argument("--hidden", type=int, default=128, help="width of the tiny Llama (MLP: 2x)")
+    parser.add_argument("--layers", type=int, default=4, help="blocks of the tiny Llama")
+    parser.add_argument("--lr", type=float, default=3e-3, help="its learning rate")
+    parser.add_argument("--seed", type=int, default=0, help="its initialization and data seed")
     parser.add_argument("--eval", type=int, default=128, help="held-out sentences for perplexity")
     parser.add_argument("--outliers", action="store_true", help="give the model large input features")
     parser.add_argument("--only", default="", help="comma-separated methods to run (default: all)")
@@ -83,9 +88,11 @@ def main() -> None:
         model, tokenizer = loaded.model, loaded.tokenizer
         print(f"base model {args.model}")
     else:
-        model, tokenizer = tiny_llama(hidden=128, layers=4, heads=4, intermediate=256)
-        train_causal_lm(model, tokenizer, steps=args.steps)
-        print(f"trained the base model in {time.perf_counter() - start:.0f} s")
+        model, tokenizer = tiny_llama(hidden=args.hidden, layers=args.layers, heads=4,
+                                      intermediate=2 * args.hidden, seed=args.seed)
+        train_causal_lm(model, tokenizer, steps=args.steps, lr=args.lr, seed=args.seed)
+        print(f"trained a {args.hidden}-wide, {args.layers}-block Llama ({args.steps} steps, "
+              f"lr {args.lr}, seed {args.seed}) in {time.perf_counter() - start:.0f} s")
     if args.outliers:
         add_outlier_features(model)
     methods = {m: s for m, s in METHODS.items() if not args.only or m in args.only.split(",")}
