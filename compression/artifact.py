@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import json
 import logging
+from contextlib import AbstractContextManager, nullcontext
+from importlib import import_module
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from safetensors import safe_open
@@ -38,7 +40,7 @@ from squeezeflow.compression.models import (
     load_tokenizer,
     model_class,
 )
-from squeezeflow.compression.packed import to_packed_runtime
+from squeezeflow.compression.packed import packed_layer, replace_module, to_packed_runtime
 from squeezeflow.compression.quantization.codebook import (
     CODEBOOK_ATTR,
     CodebookWeight,
@@ -53,6 +55,7 @@ from squeezeflow.compression.quantization.qweight import (
     pack_bits,
     unpack_bits,
 )
+from squeezeflow.compression.tensorfile import TensorFile
 
 log = logging.getLogger(__name__)
 
@@ -158,23 +161,40 @@ def load_compressed(path: str | Path, runtime: Runtime = "dense") -> LoadedModel
         )
     kind: ModelKind = description["kind"]
     config = AutoConfig.from_pretrained(path)
-    model = model_class(kind).from_config(config, dtype=torch.float32)
+    with _no_weight_init():  # every weight comes from the file; random init is wasted work
+        model = model_class(kind).from_config(config, dtype=torch.float32)
     factorize_modules(model, description.get("factorized", {}))
-    params = dict(model.state_dict(keep_vars=True))
+    tied: dict[str, str] = description["tied"]
     loaded: set[str] = set()
 
-    def assign(name: str, value: torch.Tensor) -> None:
-        if name not in params:
-            raise ValueError(f"{path}: stored tensor {name} is not in the model's config")
-        with torch.no_grad():
-            params[name].data.copy_(value)
-        loaded.add(name)
-
-    # One tensor at a time: peak memory stays near one model, not model + state dict.
-    with safe_open(str(path / WEIGHTS_FILE), framework="pt") as stored:
+    # One tensor at a time: peak memory stays near what the model holds. Packed layers
+    # are read into their own buffers (`stored`) since they are unpacked anyway; plain
+    # tensors stay memory-mapped (`mapped`), so only the pages a model touches (the
+    # embedding rows of the tokens it sees) become resident, as with from_pretrained.
+    with TensorFile(path / WEIGHTS_FILE) as stored, \
+            safe_open(str(path / WEIGHTS_FILE), framework="pt") as mapped:
         names = set(stored.keys())
+        quantized_specs = dict(description["quantized"])
+        if runtime == "packed":
+            # Packed layers are built straight from the file: the dense weight allocated
+            # by from_config is never written, so it never becomes resident memory.
+            loaded |= _load_packed_layers(model, quantized_specs, stored, names, tied)
+        params = dict(model.state_dict(keep_vars=True))
+
+        def assign(name: str, value: torch.Tensor) -> None:
+            if name not in params:
+                raise ValueError(f"{path}: stored tensor {name} is not in the model's config")
+            target = params[name]
+            if value.shape != target.shape:
+                raise ValueError(f"{path}: {name} is stored as {tuple(value.shape)}, "
+                                 f"the config makes it {tuple(target.shape)}")
+            # The read tensor becomes the parameter's storage: no second copy, and the
+            # uninitialized one from_config allocated is freed without being touched.
+            target.data = value.to(target.dtype)
+            loaded.add(name)
+
         modules = dict(model.named_modules())
-        for name, spec in description["quantized"].items():
+        for name, spec in quantized_specs.items():
             quantized = _unpack(name, spec, stored, names)
             assign(f"{name}.weight", as_stored(modules[name], quantized.dequantize()))
             setattr(modules[name], QUANTIZED_ATTR, quantized)
@@ -183,8 +203,8 @@ def load_compressed(path: str | Path, runtime: Runtime = "dense") -> LoadedModel
             assign(f"{name}.weight", as_stored(modules[name], coded.dequantize()))
             setattr(modules[name], CODEBOOK_ATTR, coded)
         for name in sorted(names):
-            assign(name, stored.get_tensor(name))
-    for name, source in description["tied"].items():
+            assign(name, mapped.get_tensor(name))
+    for name, source in tied.items():
         _tie(model, name, source)
         loaded.add(name)
     missing = set(params) - loaded - _non_persistent(model)
@@ -192,8 +212,42 @@ def load_compressed(path: str | Path, runtime: Runtime = "dense") -> LoadedModel
         raise ValueError(f"{path}: weights missing from {WEIGHTS_FILE}: {sorted(missing)[:5]}")
     model.eval()
     if runtime == "packed":
-        to_packed_runtime(model)
+        to_packed_runtime(model)  # quantized layers the early path left (tied ones)
     return LoadedModel(model=model, tokenizer=load_tokenizer(path), kind=kind, path=path)
+
+
+def _load_packed_layers(
+    model: nn.Module, specs: dict[str, Any], stored: Any, names: set[str], tied: dict[str, str]
+) -> set[str]:
+    """Swap each quantized layer for its packed runtime module, read from `stored`.
+
+    Consumes the layers' entries of `specs` and `names`; returns the state-dict names
+    the packed modules now provide. Layers whose weight is tied to another stay in
+    `specs` for the dense path (the tie needs the dense Parameter).
+    """
+    in_ties = {name.rpartition(".")[0] for pair in tied.items() for name in pair}
+    provided: set[str] = set()
+    for name in [n for n in specs if n not in in_ties]:
+        module = model.get_submodule(name)
+        quantized = _unpack(name, specs.pop(name), stored, names)
+        bias = getattr(module, "bias", None)
+        if isinstance(bias, torch.Tensor) and f"{name}.bias" in names:
+            names.discard(f"{name}.bias")
+            with torch.no_grad():
+                bias.copy_(stored.get_tensor(f"{name}.bias"))
+        packed = packed_layer(module, quantized)
+        replace_module(model, name, packed)
+        provided |= {f"{name}.{key}" for key in packed.state_dict()}
+    return provided
+
+
+def _no_weight_init() -> AbstractContextManager[Any]:
+    """transformers' switch that skips random initialization, where this version has it."""
+    for module_name in ("transformers.initialization", "transformers.modeling_utils"):
+        switch = getattr(import_module(module_name), "no_init_weights", None)
+        if switch is not None:
+            return cast(AbstractContextManager[Any], switch())
+    return nullcontext()
 
 
 def size_on_disk(path: Path) -> int:

@@ -16,7 +16,11 @@ from collections import Counter
 import torch
 from torch import nn
 
-from squeezeflow.compression.quantization.qweight import QUANTIZED_ATTR, current_quantized
+from squeezeflow.compression.quantization.qweight import (
+    QUANTIZED_ATTR,
+    QuantizedWeight,
+    current_quantized,
+)
 from squeezeflow.kernels import QuantLinear, pack_linear
 from squeezeflow.kernels.linear import COMPUTE_DTYPE
 
@@ -41,17 +45,29 @@ def to_packed_runtime(
             if getattr(module, QUANTIZED_ATTR, None) is not None:
                 log.warning("%s changed after quantization; it runs dense", name)
             continue
-        bias = getattr(module, "bias", None)
-        packed = pack_linear(
-            quantized.codes, quantized.scale, quantized.zero, quantized.g_idx, quantized.bits,
-            bias.detach() if isinstance(bias, torch.Tensor) else None,
-            activation_bits=quantized.activation_bits, input_scale=quantized.input_scale,
-            compute_dtype=compute_dtype, fuse=fuse,
-        )
-        parent_name, _, attribute = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), attribute, packed)
+        packed = packed_layer(module, quantized, compute_dtype, fuse)
+        replace_module(model, name, packed)
         formats[name] = packed.format
     if formats:
         counts = Counter(formats.values())
         log.info("packed runtime: %s", ", ".join(f"{n} {f}" for f, n in sorted(counts.items())))
     return formats
+
+
+def packed_layer(
+    module: nn.Module, quantized: QuantizedWeight,
+    compute_dtype: torch.dtype = COMPUTE_DTYPE, fuse: bool = True,
+) -> QuantLinear:
+    """The `QuantLinear` that runs `quantized` with `module`'s bias (module's weight unused)."""
+    bias = getattr(module, "bias", None)
+    return pack_linear(
+        quantized.codes, quantized.scale, quantized.zero, quantized.g_idx, quantized.bits,
+        bias.detach() if isinstance(bias, torch.Tensor) else None,
+        activation_bits=quantized.activation_bits, input_scale=quantized.input_scale,
+        compute_dtype=compute_dtype, fuse=fuse,
+    )
+
+
+def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, attribute = name.rpartition(".")
+    setattr(model.get_submodule(parent_name), attribute, module)

@@ -99,11 +99,24 @@ def quantize_codes(W: Tensor, scale: Tensor, zero: Tensor, bits: int) -> Tensor:
 
 
 def pack_bits(codes: Tensor, bits: int) -> Tensor:
-    """Pack unsigned codes (any shape, values < 2**bits) into a flat uint8 tensor."""
+    """Pack unsigned codes (any shape, values < 2**bits) into a flat uint8 tensor.
+
+    Little-endian bit stream: bit j of code k is bit (k * bits + j) of the stream, and
+    stream bit i is bit i % 8 of byte i // 8. For 2, 4 and 8 bits a byte holds whole
+    codes (code k at shift (k * bits) % 8), packed without building the bit stream.
+    """
     flat = codes.reshape(-1).to(torch.uint8)
     if bits == 8:
         return flat.clone()
-    shifts = torch.arange(bits, dtype=torch.uint8)  # little-endian bit order
+    if 8 % bits == 0:
+        per_byte = 8 // bits
+        pad = (-flat.numel()) % per_byte
+        grouped = torch.cat([flat, flat.new_zeros(pad)]).reshape(-1, per_byte)  # (bytes, per)
+        packed = grouped[:, 0].clone()
+        for k in range(1, per_byte):
+            packed |= grouped[:, k] << (k * bits)
+        return packed
+    shifts = torch.arange(bits, dtype=torch.uint8)
     bit_matrix = (flat[:, None] >> shifts) & 1  # (n, bits)
     stream = bit_matrix.reshape(-1)
     pad = (-stream.numel()) % 8
@@ -119,6 +132,10 @@ def unpack_bits(packed: Tensor, bits: int, shape: tuple[int, ...]) -> Tensor:
         count *= size
     if bits == 8:
         return packed[:count].reshape(shape).clone()
+    if 8 % bits == 0:
+        shifts = torch.arange(0, 8, bits, dtype=torch.uint8)  # (per_byte,)
+        codes = (packed[:, None] >> shifts) & (2**bits - 1)  # (bytes, per_byte) uint8
+        return codes.reshape(-1)[:count].reshape(shape)
     shifts = torch.arange(8, dtype=torch.uint8)
     stream = ((packed[:, None] >> shifts) & 1).reshape(-1)[: count * bits]  # (count * bits,)
     weights = (1 << torch.arange(bits, dtype=torch.int32)).to(torch.int32)

@@ -79,3 +79,14 @@ def test_step_quantizes_layer_output_within_bound() -> None:
     output_error = float((layer(x).detach() - reference).norm() / reference.norm())
     assert output_error < 0.01
     assert 0 < report.per_module["layer"]["weight_rel_error"] < 0.012
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_packed_bytes_follow_the_documented_little_endian_stream(bits: int) -> None:
+    """Checkpoints written before the whole-code fast path must still read back."""
+    codes = torch.randint(0, 2**bits, (37,), generator=torch.Generator().manual_seed(bits))
+    stream = [(int(code) >> j) & 1 for code in codes for j in range(bits)]
+    stream += [0] * (-len(stream) % 8)
+    expected = [sum(bit << i for i, bit in enumerate(stream[b : b + 8]))
+                for b in range(0, len(stream), 8)]
+    assert pack_bits(codes, bits).tolist() == expected
