@@ -51,6 +51,7 @@ def _measure(model_dir: str, texts_json: str, max_length: int) -> float:
     from squeezeflow.compression.artifact import load_compressed
     from squeezeflow.compression.models import mean_pooled_embeddings
 
+    _import_model_code(model_dir)  # code is not the model: import it before the baseline
     baseline = _reset_peak()
     loaded = load_compressed(model_dir, runtime="packed")  # what a user runs
     batch = loaded.tokenizer(
@@ -66,6 +67,19 @@ def _measure(model_dir: str, texts_json: str, max_length: int) -> float:
         else:
             loaded.model(**batch, use_cache=False)
     return _status_mb("VmHWM") - baseline
+
+
+def _import_model_code(model_dir: str) -> None:
+    """Import the modeling module of the folder's architecture (transformers imports
+    them lazily, at first use); without bytecode caches compiling it costs tens of MB."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING
+
+    config = AutoConfig.from_pretrained(model_dir)
+    try:
+        MODEL_MAPPING[type(config)]
+    except KeyError:  # an architecture transformers does not map: measured as it comes
+        pass
 
 
 if __name__ == "__main__":
