@@ -31,6 +31,6 @@ def test_packed_int8_model_peaks_below_its_dense_base(tmp_path: Path) -> None:
     packed_mb = peak_memory_mb(packed, texts, batch_size=4, max_length=32)
     # fp32 -> int8 saves ~85 MB of weights; materializing the dense weights on load
     # would cost them back (packed >= base). Measured: base 140.7 MB, int8 69.9 MB here;
-    # 162.8 / 100.2 MB in a fresh CI clone (no bytecode caches: constant overhead on both).
+    # 158.3 / 96.9 MB in a fresh CI clone (a constant overhead on both).
     assert base_mb > 100
-    assert base_mb - packed_mb > 45
+    assert base_mb - packed_mb > 40
