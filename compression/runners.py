@@ -152,8 +152,8 @@ def calibration_matmuls(bf16: bool) -> Iterator[None]:
     calibration forward passes and Hessian products run 2-2.5x faster; elsewhere the
     emulation would be slower, so matmuls stay exact.
     """
-    backend: Any = getattr(torch.backends.mkldnn, "matmul")  # noqa: B009 (untyped in the stubs)
-    if not bf16 or not _native_bf16():
+    backend: Any = getattr(torch.backends.mkldnn, "matmul", None)  # torch >= 2.9, untyped
+    if not bf16 or backend is None or not _native_bf16():
         yield
         return
     previous = backend.fp32_precision
