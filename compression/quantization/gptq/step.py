@@ -159,7 +159,6 @@ class GPTQStep(Step[GPTQConfig]):
             del self.hessian_by_module[name]
         return StepReport(kind=self.config.kind, per_module=per_module)
 
-
     def _shared_input_groups(self, modules: dict[str, nn.Module]) -> list[list[str]]:
         """Names of `modules` grouped by identical Hessians, in their original order."""
         groups: list[list[str]] = []
@@ -188,6 +187,4 @@ def _is_linear(module: nn.Module) -> bool:
 
 
 def _in_features(module: nn.Module) -> int:
-    weight = module.weight
-    assert isinstance(weight, Tensor)
-    return int(as_stored(module, weight).shape[1])
+    return int(as_stored(module, _weight(module)).shape[1])
