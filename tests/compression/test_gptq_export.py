@@ -105,6 +105,47 @@ def test_missing_extra_names_it(monkeypatch: pytest.MonkeyPatch) -> None:
         gptqmodel_backend.require_gptqmodel()
 
 
+def test_gptqmodel_console_output_is_captured_warnings_passed_on_and_shown_on_failure(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from squeezeflow.compression.quantization.gptq import gptqmodel_backend as backend
+
+    class Saved:
+        model = torch.nn.Module()
+
+        def save(self, folder: str) -> None:
+            print("INFO  saving shards")
+            (Path(folder) / "quant_log.csv").write_text("layer,module,loss\n0,mlp.up_proj,0.5\n")
+
+    def chatty(config: GPTQConfig, source: Path, calibration: list, batch_size: int = 8) -> Saved:
+        for index in range(300):
+            print(f"INFO  progress line {index}")
+        print("WARN  Calibration dataset size should be more than 256")
+        return Saved()
+
+    monkeypatch.setattr(backend, "require_gptqmodel", lambda: None)
+    monkeypatch.setattr(backend, "load_and_quantize", chatty)
+    with caplog.at_level("WARNING"):
+        report = backend.quantize_with_gptqmodel(GPTQConfig(backend="gptqmodel"), tmp_path, [],
+                                                 tmp_path / "out")
+    assert "progress line" not in capsys.readouterr().out
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+        "GPTQModel: WARN  Calibration dataset size should be more than 256"]
+    assert report.per_module == {"0.mlp.up_proj": {"gptq_loss": 0.5}}
+
+    def failing(config: GPTQConfig, source: Path, calibration: list, batch_size: int = 8) -> Saved:
+        print("INFO  layer 3: Cholesky failed")
+        raise RuntimeError("quantization failed")
+
+    monkeypatch.setattr(backend, "load_and_quantize", failing)
+    caplog.clear()
+    with pytest.raises(RuntimeError, match="quantization failed"):
+        backend.quantize_with_gptqmodel(GPTQConfig(backend="gptqmodel"), tmp_path, [], tmp_path / "out2")
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "layer 3: Cholesky failed" in errors[0]
+
+
 def test_checkpoint_writer_must_be_alone_in_its_stage() -> None:
     from squeezeflow.tasks.stages import checkpoint_writer
 

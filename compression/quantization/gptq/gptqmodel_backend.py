@@ -9,7 +9,9 @@ stage's checkpoint folder itself (`Step.write_checkpoint`).
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import logging
 import os
 import tempfile
@@ -29,6 +31,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 EXTRA_HINT = "pip install squeezeflow[gptq]"
+TAIL = 8000  # characters of GPTQModel's console output logged when it fails
 
 
 def require_gptqmodel() -> ModuleType:
@@ -93,10 +96,22 @@ def quantize_with_gptqmodel(
 ) -> StepReport:
     """Quantize the causal LM in `source` with GPTQModel and save it to `output`."""
     require_gptqmodel()
-    with tempfile.TemporaryDirectory() as scratch:
-        model = load_and_quantize(config, _plain_hf_folder(source, Path(scratch)), calibration)
-        output.mkdir(parents=True, exist_ok=True)
-        model.save(str(output))
+    output.mkdir(parents=True, exist_ok=True)
+    log.info("quantizing with GPTQModel (its console output is shown only on failure)")
+    # GPTQModel prints hundreds of banner, table and progress lines per model: captured;
+    # its warnings are passed on, and on failure the end of the transcript is logged.
+    transcript = io.StringIO()
+    try:
+        with tempfile.TemporaryDirectory() as scratch, \
+                contextlib.redirect_stdout(transcript), contextlib.redirect_stderr(transcript):
+            model = load_and_quantize(config, _plain_hf_folder(source, Path(scratch)), calibration)
+            model.save(str(output))
+    except Exception:
+        log.error("GPTQModel failed; the end of its output:\n%s", transcript.getvalue()[-TAIL:])
+        raise
+    for line in transcript.getvalue().splitlines():
+        if line.lstrip().startswith(("WARN", "ERROR")):
+            log.warning("GPTQModel: %s", line.strip())
     per_module = _quant_log(output / "quant_log.csv", model)
     return StepReport(kind=config.kind, metrics=summarize(per_module), per_module=per_module)
 
@@ -125,6 +140,6 @@ def _quant_log(path: Path, model: Any) -> dict[str, dict[str, float]]:
     per_module = {}
     with path.open() as handle:
         for row in csv.DictReader(handle):
-            name = f"{prefix}.{row['layer']}.{row['module']}"
+            name = ".".join(part for part in (prefix, row["layer"], row["module"]) if part)
             per_module[name] = {"gptq_loss": float(row["loss"])}
     return per_module
