@@ -190,7 +190,7 @@ def load_compressed(path: str | Path, runtime: Runtime = "dense") -> LoadedModel
                                  f"the config makes it {tuple(target.shape)}")
             # The read tensor becomes the parameter's storage: no second copy, and the
             # uninitialized one from_config allocated is freed without being touched.
-            target.data = value.to(target.dtype)
+            target.data = value.to(target.dtype).contiguous()  # Conv1D weights come transposed
             loaded.add(name)
 
         modules = dict(model.named_modules())
