@@ -163,6 +163,12 @@ def calibration_tokens(mask: Tensor | None) -> Iterator[None]:
         _token_mask.reset(token)
 
 
+def token_mask() -> Tensor | None:
+    """The mask `calibration_tokens` set (None: every position counts), for observers
+    that keep inputs to replay later and must know which positions were real."""
+    return _token_mask.get()
+
+
 def real_tokens(x: Tensor, flattened: bool = False) -> Tensor:
     """x (..., features) -> (tokens, features): every position, or only the unpadded ones
     when a runner set the batch's mask and x has its (batch, seq) leading shape.

@@ -70,8 +70,8 @@ def _measure(model_dir: str, texts_json: str, max_length: int) -> float:
 
 
 def _import_model_code(model_dir: str) -> None:
-    """Import the modeling module of the folder's architecture (transformers imports
-    them lazily, at first use); without bytecode caches compiling it costs tens of MB."""
+    """Import the modeling module of the folder's architecture: transformers imports it
+    lazily, at first use, and its code is not the model's memory."""
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_MAPPING
 

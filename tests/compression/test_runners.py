@@ -135,3 +135,36 @@ def test_moe_routing_statistics_leave_padding_out() -> None:
     for name, routing in stats[0].items():
         torch.testing.assert_close(routing.counts, stats[1][name].counts)
         torch.testing.assert_close(routing.gram, stats[1][name].gram)
+
+
+@pytest.mark.parametrize("config", [
+    {"kind": "wanda", "sparsity": 0.5},
+    {"kind": "sparsegpt", "sparsity": 0.5},
+    {"kind": "gptq", "calibration_precision": "fp32"},
+    {"kind": "smoothquant"},
+    {"kind": "structured", "remove_heads": 2, "remove_channels": 0.25},
+    {"kind": "depth", "remove": 1},
+    {"kind": "share", "group_size": 2},
+    {"kind": "lowrank", "param_ratio": 0.6},
+], ids=lambda config: str(config["kind"]))
+def test_more_padding_changes_no_result_and_no_reported_statistic(config: dict[str, object]) -> None:
+    """The same sentences padded further: the compressed model's outputs and every reported
+    metric are unchanged (outputs, not weights: low-rank factors are defined up to a basis)."""
+    model, tokenizer = tiny_llama(layers=3)
+    sentences = ["The robot repaired the garden fence before the storm came.", "It rained."]
+    longest = dict(tokenizer(sentences, padding=True, return_tensors="pt"))
+    width = longest["input_ids"].shape[1] + 9
+    wider = dict(tokenizer(sentences, padding="max_length", max_length=width, return_tensors="pt"))
+    probe = dict(tokenizer(["A small dog ran past the old mill."], return_tensors="pt"))
+    outcomes = []
+    for batch in (longest, wider):
+        candidate = copy.deepcopy(model)
+        (report,) = run_stage_steps(candidate, [CATALOG.build(CATALOG.parse(config))], [batch])
+        with torch.no_grad():
+            logits = candidate(**probe, use_cache=False).logits
+        outcomes.append((logits, report.per_module))
+    (logits, reported), (wider_logits, wider_reported) = outcomes
+    torch.testing.assert_close(logits, wider_logits, rtol=1e-4, atol=1e-4)
+    assert reported.keys() == wider_reported.keys()
+    for module, values in reported.items():
+        assert values == pytest.approx(wider_reported[module], rel=1e-4, abs=1e-6), module

@@ -38,7 +38,7 @@ from squeezeflow.compression.pruning.structured.math import (
     slice_linear,
     unit_indices,
 )
-from squeezeflow.compression.step import Needs, Step, StepReport, hooks
+from squeezeflow.compression.step import Needs, Step, StepReport, hooks, real_tokens
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +148,7 @@ class HeadGrams:
 
     def add(self, x: Tensor) -> None:
         heads, d, _ = self.gram.shape
-        X = x.detach().reshape(-1, heads, d).to(torch.float64)  # (tokens, heads, d)
+        X = real_tokens(x.detach()).reshape(-1, heads, d).to(torch.float64)  # (tokens, heads, d)
         self.gram += torch.einsum("thi,thj->hij", X, X)
         self.tokens += X.shape[0]
 

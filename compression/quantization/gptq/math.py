@@ -140,7 +140,7 @@ def gptq_quantize(
         Wt[i2:].addmm_(H_inv[i1:i2, i2:].T, E1, alpha=-1.0)  # lazy update of later columns
     codes = codes_t.T.to(torch.uint8)  # (out, in) processing order
     scale, zero = scale_t.T.contiguous(), zero_t.T.contiguous()
-    losses = (errors_t.square().sum(dim=0) / 2).to(torch.float64)  # (out,)
+    losses = errors_t.square().sum(dim=0) / 2  # (out,)
 
     inverse = torch.argsort(perm)  # processing order -> original order
     g_idx = group_of[inverse]  # (in,)

@@ -32,7 +32,15 @@ from squeezeflow.compression.sharing.blocks.math import (
     groups_of,
     tie_linears,
 )
-from squeezeflow.compression.step import Needs, Step, StepReport, hooks
+from squeezeflow.compression.step import (
+    Needs,
+    Step,
+    StepReport,
+    calibration_tokens,
+    hooks,
+    real_tokens,
+    token_mask,
+)
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +76,7 @@ class ShareStep(Step[ShareConfig]):
         super().__init__(config)
         self.group_inputs: dict[int, list[Call]] = {}  # first block of a group -> its calls
         self.group_outputs: dict[int, list[Tensor]] = {}  # last block of a group -> its outputs
+        self.group_masks: dict[int, list[Tensor | None]] = {}  # first block -> its calls' masks
 
     def select(self, root: nn.Module, prefix: str = "") -> dict[str, nn.Module]:
         """The model's blocks, by full name."""
@@ -83,14 +92,16 @@ class ShareStep(Step[ShareConfig]):
             first, last = group[0], group[-1]
             calls = self.group_inputs.setdefault(first, [])
             outputs = self.group_outputs.setdefault(last, [])
+            masks = self.group_masks.setdefault(first, [])
 
             def record_input(_: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
-                             calls: list[Call] = calls) -> None:
+                             calls: list[Call] = calls, masks: list[Tensor | None] = masks) -> None:
                 calls.append((args, dict(kwargs)))
+                masks.append(token_mask())  # the replay compares real tokens only
 
             def record_output(_: nn.Module, args: tuple[Any, ...], output: Any,
                               outputs: list[Tensor] = outputs) -> None:
-                outputs.append(_hidden(output).detach())
+                outputs.append(real_tokens(_hidden(output).detach()))
 
             handles.append(blocks[first].register_forward_pre_hook(record_input, with_kwargs=True))
             handles.append(blocks[last].register_forward_hook(record_output))
@@ -103,16 +114,19 @@ class ShareStep(Step[ShareConfig]):
         for group in groups_of(len(blocks), self.config.group_size):
             members = [blocks[i] for i in group]
             calls, reference = self.group_inputs.pop(group[0]), self.group_outputs.pop(group[-1])
+            masks = self.group_masks.pop(group[0])
 
-            def run_group(members: list[nn.Module] = members, calls: list[Call] = calls) -> list[Tensor]:
+            def run_group(members: list[nn.Module] = members, calls: list[Call] = calls,
+                          masks: list[Tensor | None] = masks) -> list[Tensor]:
                 outputs = []
                 with torch.no_grad():
-                    for args, kwargs in calls:
+                    for (args, kwargs), mask in zip(calls, masks, strict=True):
                         hidden, rest = args[0] if args else kwargs["hidden_states"], args[1:]
                         extra = {k: v for k, v in kwargs.items() if k != "hidden_states"}
                         for block in members:
                             hidden = _hidden(block(hidden, *rest, **extra))
-                        outputs.append(hidden)
+                        with calibration_tokens(mask):
+                            outputs.append(real_tokens(hidden))
                 return outputs
 
             if len(members) == 1:
