@@ -10,7 +10,8 @@ no activation order) and the same calibration tokens.
   reports its quantization wall time (load and save excluded) and its peak RSS
   (load included).
 
-Usage: python benchmarks/gptq_vs_reference.py [--quick]   (--quick: tiny cost model, smoke test)
+Usage: python benchmarks/gptq_vs_reference.py [--quick] [--threads N] [--precision bf16|fp32]
+(--quick: tiny cost model, smoke test; --precision: our GPTQ's calibration_precision)
 Last line: one JSON object with base_ppl, rtn_ppl, ours_ppl, gptqmodel_ppl, ours_s,
 gptqmodel_s, ours_peak_mb, gptqmodel_peak_mb.
 """
@@ -52,10 +53,14 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small cost model (smoke test)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                         help="torch threads of every quantizer (GPTQModel: at least 2 workers)")
+    parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16",
+                        help="our GPTQ's calibration_precision (default: its default, bf16)")
     parser.add_argument("--worker", choices=["ours", "gptqmodel", "rtn"], help=argparse.SUPPRESS)
     parser.add_argument("--model", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--calibration", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    global CONFIG
+    CONFIG = CONFIG.model_copy(update={"calibration_precision": args.precision})
     apply_defaults()
     quiet_progress_bars()
     # GPTQModel's worker pool needs at least 2 (its model loader takes 2 of them)
@@ -67,7 +72,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as scratch:
         quality = quality_run(Path(scratch), quick=args.quick)
-        cost = {name: cost_run(name, Path(scratch), quick=args.quick, threads=args.threads)
+        cost = {name: cost_run(name, Path(scratch), quick=args.quick, threads=args.threads,
+                               precision=args.precision)
                 for name in ("rtn", "ours", "gptqmodel")}
 
     print(f"quality: held-out perplexity of a {quality['parameters'] / 1e6:.1f}M-parameter Llama "
@@ -77,7 +83,7 @@ def main() -> None:
         print(f"{name:>12} {quality[f'{name}_ppl']:>11.4f}")
     shape = cost["ours"]["shape"]
     print(f"\ncost: Llama {shape}, calibration {cost['ours']['calibration']}, "
-          f"{args.threads} thread(s) each")
+          f"{args.threads} thread(s) each; ours with calibration_precision {args.precision}")
     print(f"{'':>12} {'seconds':>9} {'peak MB':>9}")
     for name in ("rtn", "ours", "gptqmodel"):
         print(f"{name:>12} {cost[name]['seconds']:>9.1f} {cost[name]['peak_mb']:>9.0f}")
@@ -175,7 +181,7 @@ def cost_model_config(quick: bool) -> LlamaConfig:
                        max_position_embeddings=512, tie_word_embeddings=False)
 
 
-def cost_run(name: str, scratch: Path, quick: bool, threads: int) -> dict[str, object]:
+def cost_run(name: str, scratch: Path, quick: bool, threads: int, precision: str) -> dict[str, object]:
     model_dir = scratch / "cost-model"
     calibration_file = scratch / "cost-calibration.pt"
     if not model_dir.exists():
@@ -191,7 +197,8 @@ def cost_run(name: str, scratch: Path, quick: bool, threads: int) -> dict[str, o
         torch.save(ids, calibration_file)
         del model
     command = [sys.executable, __file__, "--worker", name, "--model", str(model_dir),
-               "--calibration", str(calibration_file), "--threads", str(threads)]
+               "--calibration", str(calibration_file), "--threads", str(threads),
+               "--precision", precision]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"{name} worker failed:\n{done.stderr[-4000:]}")
