@@ -22,19 +22,17 @@ from squeezeflow.compression.quantization.qweight import (
     current_quantized,
 )
 from squeezeflow.kernels import QuantLinear, pack_linear
-from squeezeflow.kernels.linear import COMPUTE_DTYPE
+
 
 log = logging.getLogger(__name__)
 
 
-def to_packed_runtime(
-    model: nn.Module, compute_dtype: torch.dtype = COMPUTE_DTYPE, fuse: bool = True
-) -> dict[str, str]:
+def to_packed_runtime(model: nn.Module, fuse: bool = True) -> dict[str, str]:
     """Replace quantized layers of `model` in place; returns {module name: format}.
 
-    Layers whose weight changed after quantization (stale codes) stay dense.
-    `compute_dtype` is the activation dtype of the weight-only ops (bf16: the
-    vectorized path); `fuse` compiles the W8A8 kernel with torch.compile.
+    Layers whose weight changed after quantization (stale codes) stay dense. Each
+    layer's kernels are chosen on first use (kernels/choice.py); `fuse` compiles the
+    W8A8 kernels' quantization with torch.compile.
     """
     formats: dict[str, str] = {}
     for name, module in list(model.named_modules()):
@@ -45,7 +43,7 @@ def to_packed_runtime(
             if getattr(module, QUANTIZED_ATTR, None) is not None:
                 log.warning("%s changed after quantization; it runs dense", name)
             continue
-        packed = packed_layer(module, quantized, compute_dtype, fuse)
+        packed = packed_layer(module, quantized, fuse)
         replace_module(model, name, packed)
         formats[name] = packed.format
     if formats:
@@ -54,17 +52,14 @@ def to_packed_runtime(
     return formats
 
 
-def packed_layer(
-    module: nn.Module, quantized: QuantizedWeight,
-    compute_dtype: torch.dtype = COMPUTE_DTYPE, fuse: bool = True,
-) -> QuantLinear:
+def packed_layer(module: nn.Module, quantized: QuantizedWeight, fuse: bool = True) -> QuantLinear:
     """The `QuantLinear` that runs `quantized` with `module`'s bias (module's weight unused)."""
     bias = getattr(module, "bias", None)
     return pack_linear(
         quantized.codes, quantized.scale, quantized.zero, quantized.g_idx, quantized.bits,
         bias.detach() if isinstance(bias, torch.Tensor) else None,
         activation_bits=quantized.activation_bits, input_scale=quantized.input_scale,
-        compute_dtype=compute_dtype, fuse=fuse,
+        fuse=fuse,
     )
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -30,6 +31,8 @@ INT4_GROUP_SIZES = (256, 128, 64, 32)  # group sizes _weight_int4pack_mm_for_cpu
 INT4_N_MULTIPLE = 16  # _convert_weight_to_int4pack_for_cpu packs 16 output rows per tile
 INT4_INNER_K_TILES = 1  # ignored by the CPU packing routine; any valid value packs the same
 INT4_CODE_OFFSET = 8  # the int4 op dequantizes as (q - 8) * scale + zero
+REDUCED_LEVELS = 63  # 7-bit activations: u8 x s8 pair sums stay below 2**15 (no VNNI needed)
+REDUCED_ZERO_POINT = 64  # [-63, 63] shifted into uint8 [1, 127]
 
 
 # ---------------------------------------------------------------- int8 weight-only
@@ -109,6 +112,89 @@ def int4_mm(x: Tensor, packed: Tensor, op_group: int, scales_and_zeros: Tensor) 
     return out
 
 
+@dataclass(frozen=True)
+class Int4Run:
+    """Consecutive row blocks that aten packs alike: `blocks` blocks of `2 * width`
+    rows from `first_row`, each stored k-major, `width` bytes per column, byte i of a
+    column holding rows `low[i]` (low nibble) and `high[i]` (high nibble) of the block."""
+
+    first_row: int
+    blocks: int
+    width: int
+    low: tuple[int, ...]
+    high: tuple[int, ...]
+
+
+def int4_layout(n: int) -> tuple[Int4Run, ...]:
+    """How `_convert_weight_to_int4pack_for_cpu` lays out n rows, read off probes.
+
+    The layout depends on the dispatch level (measured: blocks of 64 rows with row r
+    and r + 32 sharing a byte on AVX512, blocks of 32 with r and r + 16 on AVX2,
+    neighbouring rows on the default level, and other blocks for a tail of rows), so
+    it is measured here, never assumed: packing row numbers as codes shows where each
+    row's nibbles land. Raises ValueError for a layout that is not made of such blocks.
+    """
+    return _int4_layout(n, torch.backends.cpu.get_cpu_capability())
+
+
+@functools.cache
+def _int4_layout(n: int, capability: str) -> tuple[Int4Run, ...]:
+    columns = 4  # enough to see the column stride of every block
+    rows = torch.arange(n)[:, None].expand(n, columns)
+    row_of_low = torch.zeros(n * columns // 2, dtype=torch.int64)
+    row_of_high = torch.zeros_like(row_of_low)
+    for digit in range(max(1, (n - 1).bit_length() + 3) // 4):  # row number, 4 bits at a time
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+            ((rows >> (4 * digit)) & 15).to(torch.int32).contiguous(), INT4_INNER_K_TILES
+        ).reshape(-1).to(torch.int64)
+        row_of_low |= (packed & 15) << (4 * digit)
+        row_of_high |= (packed >> 4) << (4 * digit)
+    runs: list[Int4Run] = []
+    offset, row = 0, 0
+    while row < n:
+        width = 1  # bytes per column of this block: until the next column's rows repeat
+        while offset + width < row_of_low.numel() and int(row_of_low[offset + width]) != int(
+            row_of_low[offset]
+        ):
+            width += 1
+        low = tuple(int(r) - row for r in row_of_low[offset: offset + width])
+        high = tuple(int(r) - row for r in row_of_high[offset: offset + width])
+        if sorted(low + high) != list(range(2 * width)):
+            raise ValueError(f"int4 packing of {n} rows is not made of row blocks")
+        if runs and (runs[-1].width, runs[-1].low, runs[-1].high) == (width, low, high):
+            last = runs[-1]
+            runs[-1] = Int4Run(last.first_row, last.blocks + 1, width, low, high)
+        else:
+            runs.append(Int4Run(row, 1, width, low, high))
+        offset += width * columns
+        row += 2 * width
+    return tuple(runs)
+
+
+def _as_slice(rows: tuple[int, ...]) -> slice | list[int]:
+    """An evenly spaced row set as a slice (a strided copy, 2-3x faster than a gather)."""
+    step = rows[1] - rows[0] if len(rows) > 1 else 1
+    if step > 0 and rows == tuple(range(rows[0], rows[0] + step * len(rows), step)):
+        return slice(rows[0], rows[0] + step * len(rows), step)
+    return list(rows)
+
+
+def int4_unpack(packed: Tensor, n: int, k: int) -> Tensor:
+    """Inverse of `_convert_weight_to_int4pack_for_cpu`: packed -> codes (n, k) uint8."""
+    flat = packed.reshape(-1)
+    codes = torch.empty(n, k, dtype=torch.uint8)
+    offset = 0
+    for run in int4_layout(n):
+        size = run.blocks * k * run.width
+        block = flat[offset: offset + size].view(run.blocks, k, run.width)  # (B, k, width)
+        rows = codes[run.first_row: run.first_row + run.blocks * 2 * run.width]
+        rows = rows.view(run.blocks, 2 * run.width, k)  # (B, 2 width, k)
+        for nibbles, where in ((block & 15, run.low), (block >> 4, run.high)):
+            rows[:, _as_slice(where)] = nibbles.transpose(1, 2)
+        offset += size
+    return codes
+
+
 # ---------------------------------------------------------------- W8A8
 
 
@@ -139,33 +225,85 @@ def onednn_prepack(weight: Tensor) -> Tensor | None:
     return packed
 
 
+def _saturates(matmul: Callable[[Tensor, Tensor], Tensor]) -> bool:
+    """Whether an int8 GEMM errs on the worst case: all activations and weights at
+    +127 (CPUs without VNNI sum u8 x s8 pairs in 16 bits, which saturate there)."""
+    k = 256
+    weight = torch.full((16, k), INT8_MAX, dtype=torch.int8)  # (n, k)
+    y = matmul(torch.ones(2, k), weight)  # (2, n) fp32, per-token scale 1/127 applied
+    exact = float(INT8_MAX * k)  # codes 127 * 127 * t summed over k, t = 1/127
+    return not bool(torch.allclose(y, torch.full_like(y, exact), rtol=1e-5))
+
+
+@functools.cache
+def onednn_int8_saturates() -> bool:
+    """Measured once per process: oneDNN's int8 GEMM with full-range activations."""
+    if onednn_prepack(torch.ones(16, 16, dtype=torch.int8)) is None:
+        return False
+
+    def onednn(x: Tensor, weight: Tensor) -> Tensor:
+        packed = onednn_prepack(weight)
+        assert packed is not None
+        n = weight.shape[0]
+        return onednn_w8a8_mm(x, packed, torch.ones(n), torch.zeros(n, dtype=torch.int64),
+                              None, None, fuse=False)
+
+    saturates = _saturates(onednn)
+    if saturates:
+        log.info("oneDNN int8 GEMM saturates with 8-bit activations on this CPU; "
+                 "W8A8 layers may use 7-bit activations")
+    return saturates
+
+
+@functools.cache
+def int_mm_saturates() -> bool:
+    """Measured once per process: `torch._int_mm` (oneDNN-backed on some builds)."""
+    return _saturates(lambda x, weight: w8a8_mm(x, weight.t(), torch.ones(weight.shape[0]), None))
+
+
 def onednn_w8a8_mm(
     x: Tensor, packed: Tensor, weight_scale: Tensor, weight_zero: Tensor,
     inv_input_scale: Tensor | None, bias: Tensor | None, fuse: bool = True,
+    levels: int = INT8_MAX,
 ) -> Tensor:
     """Same product as `w8a8_mm` with oneDNN's int8 GEMM (AMX/VNNI on x86).
 
-    oneDNN takes one activation scale per tensor, so it gets scale 1 on the int8
+    oneDNN takes one activation scale per tensor, so it gets scale 1 on the integer
     codes and the per-token scales t are applied to its fp32 output; the integer
     accumulation is exact either way. Measured on MiniLM's Linear shapes (4096
     tokens, 1 thread): 0.8/9.3/2.4 ms vs `torch._int_mm` 1.9/27/5.5 ms.
+
+    `levels` = REDUCED_LEVELS rounds activations to [-63, 63] and feeds them as uint8
+    with zero point 64 (values 1..127): on CPUs without VNNI, oneDNN multiplies
+    u8 x s8 pairs into 16-bit sums, which saturate for full-range int8 (measured with
+    ONEDNN_MAX_CPU_ISA=AVX2: relative error 0.21 against the exact product) and
+    cannot for 7-bit activations (|127 * 127 * 2| < 2**15). fbgemm's `reduce_range`
+    rests on the same bound.
     """
     quantize = quantize_per_token_fused() if fuse else quantize_per_token
-    q, t = quantize(x, inv_input_scale)  # (m, k) int8, (m, 1)
+    zero_point = REDUCED_ZERO_POINT if levels == REDUCED_LEVELS else 0
+    q, t = quantize(x, inv_input_scale, levels, zero_point)  # (m, k) int8 or uint8, (m, 1)
     y: Tensor = torch.ops.onednn.qlinear_pointwise(
-        q, 1.0, 0, packed, weight_scale, weight_zero, None, 1.0, 0, torch.float32, "none", [], ""
+        q, 1.0, zero_point, packed, weight_scale, weight_zero, None, 1.0, 0, torch.float32,
+        "none", [], "",
     )
     # bias + y * t in one in-place pass; oneDNN's own bias would be added before the scale t
     return y.mul_(t) if bias is None else torch.addcmul(bias, y, t, out=y)
 
 
-def quantize_per_token(x: Tensor, inv_input_scale: Tensor | None) -> tuple[Tensor, Tensor]:
-    """x (m, k) -> int8 codes (m, k) and per-token scales t (m, 1); see reference.py."""
+def quantize_per_token(
+    x: Tensor, inv_input_scale: Tensor | None, levels: int = INT8_MAX, zero_point: int = 0
+) -> tuple[Tensor, Tensor]:
+    """x (m, k) -> codes (m, k) and per-token scales t (m, 1): round(x / t) in
+    [-levels, levels], as int8, or shifted by `zero_point` as uint8 when it is not 0."""
     if inv_input_scale is not None:
         x = x * inv_input_scale
     amax = x.abs().amax(dim=-1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
-    t = amax / INT8_MAX  # (m, 1)
-    return torch.round(x / t).clamp(-INT8_MAX, INT8_MAX).to(torch.int8), t
+    t = amax / levels  # (m, 1)
+    q = torch.round(x / t).clamp(-levels, levels)
+    if zero_point:
+        return (q + zero_point).to(torch.uint8), t
+    return q.to(torch.int8), t
 
 
 @functools.cache

@@ -44,11 +44,12 @@ def linear_reference(
     return torch.nn.functional.linear(x, W, None if bias is None else bias.to(torch.float32))
 
 
-def quantize_per_token(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Symmetric int8 codes per row of x: x (..., k) -> q (..., k) int8, t (..., 1) fp32."""
+def quantize_per_token(x: Tensor, levels: int = INT8_MAX) -> tuple[Tensor, Tensor]:
+    """Symmetric codes in [-levels, levels] per row of x: x (..., k) -> q (..., k) int8,
+    t (..., 1) fp32."""
     amax = x.abs().amax(dim=-1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
-    t = amax.to(torch.float32) / INT8_MAX  # (..., 1)
-    q = torch.round(x / t).clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
+    t = amax.to(torch.float32) / levels  # (..., 1)
+    q = torch.round(x / t).clamp(-levels, levels).to(torch.int8)
     return q, t
 
 
@@ -58,15 +59,17 @@ def w8a8_reference(
     weight_scale: Tensor,
     bias: Tensor | None = None,
     input_scale: Tensor | None = None,
+    levels: int = INT8_MAX,
 ) -> Tensor:
     """int8 x int8 Linear with per-token activation scales, computed in float64.
 
-    x: (..., in); weight: (out, in) int8; weight_scale: (out,); input_scale: (in,).
+    x: (..., in); weight: (out, in) int8; weight_scale: (out,); input_scale: (in,);
+    levels: 127 for int8 activations, 63 for the 7-bit grid of the reduced-range kernel.
     Float64 keeps the integer dot products exact (|sum| < 2**53).
     """
     if input_scale is not None:
         x = x / input_scale
-    q, t = quantize_per_token(x.to(torch.float32))  # (..., in), (..., 1)
+    q, t = quantize_per_token(x.to(torch.float32), levels)  # (..., in), (..., 1)
     accumulated = q.to(torch.float64) @ weight.to(torch.float64).T  # (..., out)
     y = accumulated * t.to(torch.float64) * weight_scale.to(torch.float64)
     if bias is not None:

@@ -4,6 +4,7 @@ migrated MLflow store template copied per test, tiny models made on the spot."""
 from __future__ import annotations
 
 import os
+import tempfile
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -20,6 +21,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+# kernel choices are measured afresh per test session, never read from the user's cache
+os.environ.setdefault(
+    "SQUEEZEFLOW_KERNEL_CACHE", str(Path(tempfile.mkdtemp(prefix="squeezeflow-kernels-")) / "k.json")
+)
 
 
 @pytest.fixture(scope="session")

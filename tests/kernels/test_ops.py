@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from squeezeflow.kernels import pack_linear
+from squeezeflow.kernels import QuantLinear, ops, pack_linear
+from squeezeflow.kernels.choice import contract_rejections, probe_inputs, row_bucket
 from squeezeflow.kernels.reference import linear_reference, w8a8_reference
 
 # bf16 activations, bf16 scales and a bf16 result each round at 2**-9 relative;
@@ -34,6 +35,22 @@ def _relative_error(y: torch.Tensor, reference: torch.Tensor) -> float:
     return float((y - reference).norm() / reference.norm())
 
 
+def _kernel_names(layer: QuantLinear) -> list[str]:
+    return [kernel.name for kernel in layer.all_kernels()]
+
+
+def _forced(layer: QuantLinear, name: str, x: torch.Tensor) -> torch.Tensor:
+    """The layer's output with kernel `name`, checking that this kernel ran."""
+    layer.force_kernel(name)
+    y = layer(x)
+    assert layer.last_kernel == name
+    return y
+
+
+def _tolerance(kernel: str) -> float:
+    return BF16_TOLERANCE if "bf16" in kernel else FP32_TOLERANCE
+
+
 @pytest.mark.parametrize(
     ("out_features", "in_features", "symmetric", "expected"),
     [
@@ -44,7 +61,7 @@ def _relative_error(y: torch.Tensor, reference: torch.Tensor) -> float:
         (5, 13, False, "dequant"),  # ... or segfaults
     ],
 )
-def test_int8_weight_only_matches_reference(
+def test_int8_weight_only_every_kernel_matches_reference(
     out_features: int, in_features: int, symmetric: bool, expected: str
 ) -> None:
     codes, scale, zero, g_idx = _random_weight(out_features, in_features, 8, in_features,
@@ -52,11 +69,18 @@ def test_int8_weight_only_matches_reference(
     bias = torch.randn(out_features)
     layer = pack_linear(codes, scale, zero, g_idx, bits=8, bias=bias)
     assert layer.format == expected
-    tolerance = BF16_TOLERANCE if expected == "int8" else FP32_TOLERANCE
-    for x in (torch.randn(2, 3, in_features), torch.randn(80, in_features)):  # packed op; bf16 GEMM
-        reference = linear_reference(x, codes, scale, zero, g_idx, bias)
-        assert _relative_error(layer(x), reference) < tolerance
-        assert _relative_error(layer.reference(x), reference) < tolerance
+    names = _kernel_names(layer)
+    assert names[:2] == ["dequant_fp32", "dequant_bf16"]  # the dense product, always offered
+    if expected == "int8":
+        assert {"int8pack_fp32", "int8pack_bf16"} <= set(names)
+    for name in names:
+        for x in (torch.randn(2, 3, in_features), torch.randn(80, in_features)):
+            reference = linear_reference(x, codes, scale, zero, g_idx, bias)
+            assert _relative_error(_forced(layer, name, x), reference) < _tolerance(name), name
+    layer.force_kernel(None)  # the measured choice meets the contract too
+    x = torch.randn(5, in_features)
+    assert _relative_error(layer(x), linear_reference(x, codes, scale, zero, g_idx, bias)) < BF16_TOLERANCE
+    assert layer.last_kernel in names
 
 
 @pytest.mark.parametrize(
@@ -65,7 +89,7 @@ def test_int8_weight_only_matches_reference(
         (32, 256, 4, 128, "int4"),
         (48, 512, 4, 64, "int4"),
         (64, 128, 4, 32, "int4"),
-        (32, 512, 4, 256, "int4"),
+        (80, 512, 4, 256, "int4"),  # a full block of 64 rows and a tail of 16 on AVX512
         (32, 1024, 4, 1024, "int4"),  # per channel: scales repeated over groups of 256
         (32, 384, 4, 96, "int4"),  # group 96 = 3 op groups of 32
         (16, 256, 3, 64, "int4"),  # 3-bit codes fit the int4 op
@@ -76,7 +100,7 @@ def test_int8_weight_only_matches_reference(
     ],
 )
 @pytest.mark.parametrize("symmetric", [True, False])
-def test_int4_matches_reference(
+def test_int4_every_kernel_matches_reference(
     out_features: int, in_features: int, bits: int, group_size: int, expected: str,
     symmetric: bool,
 ) -> None:
@@ -84,60 +108,115 @@ def test_int4_matches_reference(
                                                symmetric, seed=in_features + bits)
     layer = pack_linear(codes, scale, zero, g_idx, bits=bits)
     assert layer.format == expected
-    for tokens in (1, 8, 64):  # the packed op, then the dequantized bf16 GEMM
-        x = torch.randn(tokens, in_features)
-        reference = linear_reference(x, codes, scale, zero, g_idx)
-        tolerance = BF16_TOLERANCE if expected == "int4" else FP32_TOLERANCE
-        assert _relative_error(layer(x), reference) < tolerance
+    names = _kernel_names(layer)
+    if expected == "int4":
+        assert {"int4pack_fp32", "int4pack_bf16"} <= set(names)
+        # the dense kernels read the codes back out of aten's packing, nothing else
+        assert {name for name, _ in layer.named_buffers()} == {"weight", "scales_and_zeros"}
+    for name in names:
+        for tokens in (1, 8, 64):
+            x = torch.randn(tokens, in_features)
+            reference = linear_reference(x, codes, scale, zero, g_idx)
+            assert _relative_error(_forced(layer, name, x), reference) < _tolerance(name), name
 
 
 def test_int4_with_act_order_columns_matches_reference() -> None:
     codes, scale, zero, _ = _random_weight(32, 256, 4, 64, symmetric=False, seed=3)
     g_idx = (torch.arange(256) // 64)[torch.randperm(256, generator=torch.Generator().manual_seed(0))]
-    layer = pack_linear(codes, scale, zero, g_idx, bits=4)
+    input_scale = torch.rand(256) * 4 + 0.25
+    layer = pack_linear(codes, scale, zero, g_idx, bits=4, input_scale=input_scale)
     assert layer.format == "int4"
     x = torch.randn(4, 256)
-    reference = linear_reference(x, codes, scale, zero, g_idx)
-    assert _relative_error(layer(x), reference) < BF16_TOLERANCE
-    many = torch.randn(40, 256)
-    assert _relative_error(layer(many), linear_reference(many, codes, scale, zero, g_idx)) < BF16_TOLERANCE
+    reference = linear_reference(x, codes, scale, zero, g_idx, input_scale=input_scale)
+    for name in _kernel_names(layer):
+        assert _relative_error(_forced(layer, name, x), reference) < _tolerance(name), name
     # ignoring the permutation would be wrong by far more than the tolerance
-    in_order = linear_reference(x, codes, scale, zero, torch.arange(256) // 64)
+    in_order = linear_reference(x, codes, scale, zero, torch.arange(256) // 64, input_scale=input_scale)
     assert _relative_error(in_order, reference) > 10 * BF16_TOLERANCE
 
 
-@pytest.mark.parametrize(
-    ("tokens", "in_features", "out_features", "smoothed", "fuse"),
-    [
-        (5, 64, 48, False, False),
-        (33, 384, 96, True, False),
-        (3, 13, 7, True, False),  # odd shapes: torch._int_mm takes any size on CPU
-        (33, 384, 96, False, True),
-        (17, 96, 40, True, True),
-    ],
-)
-@pytest.mark.parametrize("use_onednn", [True, False])
-def test_w8a8_matches_reference(
-    tokens: int, in_features: int, out_features: int, smoothed: bool, fuse: bool,
-    use_onednn: bool,
-) -> None:
+@pytest.mark.parametrize("rows", [16, 48, 80, 96, 1536])
+def test_int4_unpack_inverts_aten_packing(rows: int) -> None:
+    codes = torch.randint(0, 16, (rows, 64), dtype=torch.int32)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+    assert torch.equal(ops.int4_unpack(packed, rows, 64).to(torch.int32), codes)
+
+
+W8A8_CASES = [
+    (5, 64, 48, False),
+    (33, 384, 96, True),
+    (3, 13, 7, True),  # odd shapes: torch._int_mm takes any size on CPU
+    (17, 96, 40, True),
+]
+
+
+def _w8a8_layer(tokens: int, in_features: int, out_features: int, smoothed: bool,
+                fuse: bool) -> tuple[QuantLinear, tuple[torch.Tensor, ...]]:
     codes, scale, zero, g_idx = _random_weight(out_features, in_features, 8, in_features,
                                                symmetric=True, seed=tokens)
     bias = torch.randn(out_features)
     input_scale = torch.rand(in_features) * 4 + 0.25 if smoothed else None
     layer = pack_linear(codes, scale, zero, g_idx, bits=8, bias=bias, activation_bits=8,
-                        input_scale=input_scale, fuse=fuse, use_onednn=use_onednn)
+                        input_scale=input_scale, fuse=fuse)
     assert layer.format == "w8a8"
-    x = torch.randn(tokens, in_features)
-    x[:, 0] *= 30  # an outlier channel, as in transformer activations
-    y = layer(x)
+    return layer, (codes, scale, zero, g_idx, bias, input_scale)
+
+
+@pytest.mark.parametrize("kernel", ["onednn_s8", "onednn_u7", "int_mm", "onednn_s8_fused",
+                                    "onednn_u7_fused", "int_mm_fused", "dequant_fp32"])
+@pytest.mark.parametrize(("tokens", "in_features", "out_features", "smoothed"), W8A8_CASES)
+def test_w8a8_every_kernel_matches_its_exact_product(
+    tokens: int, in_features: int, out_features: int, smoothed: bool, kernel: str,
+) -> None:
+    layer, (codes, scale, zero, g_idx, bias, input_scale) = _w8a8_layer(
+        tokens, in_features, out_features, smoothed, fuse=True)
+    if kernel not in _kernel_names(layer):
+        reason = ("8-bit activations do not saturate here" if kernel.startswith("onednn_u7")
+                  else "this torch build has no oneDNN int8 linear")
+        pytest.skip(f"{kernel} not offered on this CPU ({reason})")
+    saturates = {"onednn_s8": ops.onednn_int8_saturates, "int_mm": ops.int_mm_saturates}
+    if kernel.removesuffix("_fused") in saturates and saturates[kernel.removesuffix("_fused")]():
+        layer(torch.randn(tokens, in_features))  # the measured choice must drop it
+        assert kernel in layer.decisions[row_bucket(tokens)].rejected
+        pytest.skip(f"{kernel} saturates on this CPU (measured: no VNNI); the chooser rejects it")
+    if kernel.endswith("_fused"):
+        kernels = {k.name: k for k in layer.all_kernels()}
+        rejected = contract_rejections([kernels[kernel], kernels[kernel.removesuffix("_fused")]],
+                                       layer.reference, layer.tolerance, tokens, in_features)
+        if kernel in rejected and kernel.removesuffix("_fused") not in rejected:
+            layer(torch.randn(tokens, in_features))  # the measured choice must drop it
+            assert kernel in layer.decisions[row_bucket(tokens)].rejected
+            pytest.skip(f"{kernel}: torch.compile's code fails the contract on this CPU "
+                        f"({rejected[kernel]}); the eager kernel is exact, the chooser drops this one")
+    x = probe_inputs(tokens, in_features, adversarial=True)  # outlier channel, +-127 rows
+    y = _forced(layer, kernel, x)
+    dense = linear_reference(x, codes, scale, zero, g_idx, bias, input_scale)
+    if kernel.startswith("dequant"):
+        assert _relative_error(y, dense) < FP32_TOLERANCE
+        return
+    levels = ops.REDUCED_LEVELS if kernel.startswith("onednn_u7") else 127
     weight = (codes.to(torch.int16) - 128).to(torch.int8)
-    exact = w8a8_reference(x, weight, scale[:, 0], bias, input_scale)
+    exact = w8a8_reference(x, weight, scale[:, 0], bias, input_scale, levels)
     # same integer products; only the fp32 epilogue (or a rounding tie) differs
     assert _relative_error(y, exact) < 1e-4
     # and it is a real approximation of the weight-only product, not something else
-    dense = linear_reference(x, codes, scale, zero, g_idx, bias, input_scale)
-    assert 0 < _relative_error(y, dense) < 0.05
+    plain = torch.randn(tokens, in_features)
+    y_plain = _forced(layer, kernel, plain)
+    assert 0 < _relative_error(y_plain, linear_reference(plain, codes, scale, zero, g_idx, bias,
+                                                         input_scale)) < 0.05
+
+
+def test_w8a8_measured_choice_is_exact_for_its_kernel() -> None:
+    layer, (codes, scale, _, _, bias, input_scale) = _w8a8_layer(33, 384, 96, True, True)
+    x = probe_inputs(33, 384, adversarial=True)
+    y = layer(x)
+    chosen = layer.last_kernel
+    assert chosen in _kernel_names(layer) and chosen not in layer.decisions[64].rejected
+    if chosen.startswith("dequant"):
+        return  # the dense product: checked against the reference by the contract
+    levels = ops.REDUCED_LEVELS if chosen.startswith("onednn_u7") else 127
+    weight = (codes.to(torch.int16) - 128).to(torch.int8)
+    assert _relative_error(y, w8a8_reference(x, weight, scale[:, 0], bias, input_scale, levels)) < 1e-4
 
 
 def test_w8a8_rejects_asymmetric_and_grouped_weights() -> None:
