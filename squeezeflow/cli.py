@@ -268,6 +268,47 @@ def serve(
         raise typer.Exit(EXIT_INVALID) from None
 
 
+@app.command()
+def kernels(
+    model: Annotated[str, typer.Argument(help="compressed model folder or models:/NAME@alias")],
+    batch: Annotated[list[int] | None, typer.Option(help="batch sizes to run (repeatable)")] = None,
+    tokens: Annotated[int, typer.Option(help="tokens per sequence", min=1)] = 128,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
+) -> None:
+    """Show which kernel each packed layer runs on this machine, and the timings it was
+    chosen by (decisions are measured on first use and cached per CPU)."""
+    apply_defaults()
+    quiet_progress_bars()
+    import torch
+
+    import squeezeflow
+    from squeezeflow.evaluation.kernel_report import exercise_kernels
+    from squeezeflow.kernels.choice import cache_path
+
+    loaded = squeezeflow.load_compressed(model)
+    rows = exercise_kernels(loaded, batch or [1, 8], tokens)
+    capability = torch.backends.cpu.get_cpu_capability()
+    if as_json:
+        print(json.dumps({"cpu_capability": capability, "decisions_file": str(cache_path()),
+                          "kernels": [row.__dict__ for row in rows]}))
+        return
+    if not rows:
+        console.print("no packed layers: the model runs dense")
+        return
+    table = Table(title=f"kernels on {capability} ({torch.get_num_threads()} threads); "
+                        f"decisions in {cache_path()}")
+    for column in ("rows <=", "format", "out x in", "layers", "kernel", "candidates (ms)",
+                   "rejected"):
+        table.add_column(column)
+    for row in rows:
+        timings = ", ".join(f"{name} {ms:.3g}" for name, ms in sorted(row.ms.items(),
+                                                                     key=lambda item: item[1]))
+        table.add_row(str(row.rows), row.format, row.shape, str(row.layers), row.kernel,
+                      timings or "(cached decision)",
+                      "; ".join(f"{name}: {why}" for name, why in row.rejected.items()))
+    console.print(table)
+
+
 @app.command("register-base")
 def register_base(
     folder: Annotated[Path, typer.Argument(help="a Hugging Face model folder")],

@@ -94,6 +94,11 @@ def test_rejected_shapes_run_the_dequantize_fallback(tmp_path: Path) -> None:
     with torch.no_grad():
         packed = squeezeflow.load_compressed(folder)
         assert _formats(packed.model) == {"dequant"}
+        # the measured choice: dequantized fp32 or bf16 GEMM, within the contract
+        assert _relative_error(packed.model(**batch).logits, expected) < 0.02
+        for layer in packed.model.modules():
+            if isinstance(layer, QuantLinear):
+                layer.force_kernel("dequant_fp32")
         torch.testing.assert_close(packed.model(**batch).logits, expected, rtol=1e-5, atol=1e-5)
 
 
@@ -145,3 +150,30 @@ def test_load_compressed_from_the_registry(workdir: Path) -> None:
         assert _formats(loaded.model) == {"int4"}
         torch.testing.assert_close(loaded.model(**batch).logits, local.model(**batch).logits,
                                    rtol=0, atol=0)
+
+
+def test_squeeze_kernels_prints_each_decision(tmp_path: Path) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from squeezeflow.cli import app
+
+    model, tokenizer = tiny_llama(hidden=64, intermediate=128)
+    _quantize(model, [{"kind": "rtn", "bits": 4, "group_size": 32}], _batch(tokenizer))
+    folder = save_compressed(model, tokenizer, "causal-lm", tmp_path / "int4")
+    result = CliRunner().invoke(app, ["kernels", str(folder), "--batch", "1", "--batch", "4",
+                                      "--tokens", "8", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output.strip().splitlines()[-1])
+    assert report["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    rows = report["kernels"]
+    # 8 tokens x batch 1 and x batch 4: rows buckets 16 and 64, for both block shapes
+    assert {(row["rows"], row["shape"]) for row in rows} >= {
+        (16, "64x64"), (64, "64x64"), (16, "128x64"), (16, "64x128")}
+    assert all(row["format"] == "int4" for row in rows)
+    # 2 blocks x (q, k, v, o) = 8 layers of 64x64 per bucket decided as one
+    assert sum(row["layers"] for row in rows if row["shape"] == "64x64" and row["rows"] == 16) == 8
+    assert all(row["kernel"] in row["ms"] or not row["ms"] for row in rows)
+    table = CliRunner().invoke(app, ["kernels", str(folder), "--tokens", "8"])
+    assert table.exit_code == 0 and "int4" in table.output
