@@ -56,6 +56,7 @@ def check_gates(gates: list[Gate], metrics: dict[str, float]) -> list[GateResult
 class PromotionGates(StrictModel):
     max_quality_drop: float | None = None  # vs the base and vs the current champion
     min_speedup: float | None = None  # candidate latency speed-up over the base
+    min_decode_speedup: float | None = None  # decode tokens/s over the base (causal LMs)
     max_size_mb: float | None = None  # weights on disk
     max_latency_ms: float | None = None  # p50 latency
 
@@ -106,6 +107,8 @@ def promotion_checks(
             checks.append(Gate(metric="quality_drop_vs_champion", max=gates.max_quality_drop))
     if gates.min_speedup is not None:
         checks.append(Gate(metric="speedup", min=gates.min_speedup))
+    if gates.min_decode_speedup is not None:
+        checks.append(Gate(metric="decode_speedup", min=gates.min_decode_speedup))
     if gates.max_size_mb is not None:
         checks.append(Gate(metric="weights_mb", max=gates.max_size_mb))
     if gates.max_latency_ms is not None:

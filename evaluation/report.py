@@ -20,6 +20,7 @@ COMPARED = (
     ("weights (MB)", "weights_mb", "base_weights_mb"),
     ("latency p50 (ms)", "latency_p50_ms", "base_latency_p50_ms"),
     ("latency p95 (ms)", "latency_p95_ms", "base_latency_p95_ms"),
+    ("decode tokens/s", "decode_tokens_per_s", "base_decode_tokens_per_s"),
     ("peak memory (MB)", "peak_memory_mb", "base_peak_memory_mb"),
     ("parameters", "parameters", "base_parameters"),
     ("linear sparsity", "linear_sparsity", "base_linear_sparsity"),

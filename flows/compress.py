@@ -111,6 +111,7 @@ def compress_recipe(recipe: Recipe, use_cache: bool = True) -> CompressResult:
         candidate_sha256=current.sha256,
         code_version=code_version(),
         flow_run_id=str(flow_run.get_id() or ""),
+        evaluation_tags=report.tags,
     )
     delays = registry_retry_delays()
     registered = register.with_options(retries=len(delays), retry_delay_seconds=delays)(record)

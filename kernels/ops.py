@@ -182,7 +182,7 @@ def _as_slice(rows: tuple[int, ...]) -> slice | list[int]:
 def int4_unpack(packed: Tensor, n: int, k: int) -> Tensor:
     """Inverse of `_convert_weight_to_int4pack_for_cpu`: packed -> codes (n, k) uint8."""
     flat = packed.reshape(-1)
-    codes = torch.empty(n, k, dtype=torch.uint8)
+    codes = torch.empty(n, k, dtype=torch.uint8, device=packed.device)
     offset = 0
     for run in int4_layout(n):
         size = run.blocks * k * run.width

@@ -7,7 +7,8 @@ from squeezeflow.registry.records import RunRecord
 HEADLINE = (
     "fidelity_cosine", "fidelity_spearman", "fidelity_topk", "perplexity", "base_perplexity",
     "perplexity_ratio", "compression_ratio", "weights_mb", "base_weights_mb", "speedup",
-    "latency_p50_ms", "base_latency_p50_ms", "peak_memory_mb", "base_peak_memory_mb",
+    "latency_p50_ms", "base_latency_p50_ms", "decode_tokens_per_s", "base_decode_tokens_per_s",
+    "decode_speedup", "peak_memory_mb", "base_peak_memory_mb",
     "parameters", "linear_sparsity",
 )
 
@@ -40,6 +41,7 @@ def model_card(record: RunRecord) -> str:
             if name in record.metrics
         ],
         "",
+        *_measured_on(record.evaluation_tags),
         "## Gates",
     ]
     if not record.gate_results:
@@ -48,3 +50,18 @@ def model_card(record: RunRecord) -> str:
         value = "missing" if result.value is None else f"{result.value:.6g}"
         lines.append(f"- {'PASS' if result.passed else 'FAIL'}: {result.gate} (measured {value})")
     return "\n".join(lines) + "\n"
+
+
+def _measured_on(tags: dict[str, str]) -> list[str]:
+    """One line naming the machine and kernels the speeds were measured with."""
+    if not tags:
+        return []
+    threads = tags.get("threads", "?")
+    line = (
+        f"Speeds measured on {tags.get('cpu_model', 'an unknown CPU')} "
+        f"({tags.get('cpu_capability', '?')}, {threads} threads), "
+        f"torch {tags.get('torch_version', '?')}"
+    )
+    if tags.get("kernel_mix"):
+        line += f"; kernels: `{tags['kernel_mix']}`"
+    return [line + ".", ""]

@@ -37,6 +37,9 @@ class RunRecord(BaseModel):
     candidate_sha256: str
     code_version: str
     flow_run_id: str | None = None
+    # what the evaluation ran on (cpu_capability, cpu_model, torch_version, threads,
+    # kernel_mix): tags `squeezeflow.<key>` on the run and the model version
+    evaluation_tags: dict[str, str] = Field(default_factory=dict)
 
     @property
     def gates_passed(self) -> bool:

@@ -41,7 +41,9 @@ BATCH = 100  # MLflow accepts at most 100 params (1000 metrics) per log_batch
 
 
 def lineage_tags(record: RunRecord) -> dict[str, str]:
-    tags = {
+    """Tags of the run and its model version: where the model came from and what its
+    speeds were measured on, each `squeezeflow.<key>`."""
+    tags = dict(record.evaluation_tags) | {
         "base_model": record.base_model,
         "base_sha256": record.base_sha256,
         "recipe": record.recipe_name,
@@ -88,7 +90,8 @@ def log_and_register(record: RunRecord) -> RegisteredVersion:
             "recipe.yaml": yaml.safe_dump(record.recipe, sort_keys=False),
             "report.json": json.dumps(
                 {"metrics": record.metrics, "gates": gates,
-                 "stages": [s.model_dump() for s in record.stages]}, indent=2),
+                 "stages": [s.model_dump() for s in record.stages],
+                 "measured_on": record.evaluation_tags}, indent=2),
             "model_card.md": model_card(record),
         })
         with mlflow.start_run(run_id=run_id), warnings.catch_warnings():

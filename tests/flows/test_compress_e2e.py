@@ -55,6 +55,11 @@ def test_causal_lm_end_to_end(workdir: Path, trained_llama_dir: Path,
     assert version.tags["gate"] == "passed"
     assert len(version.tags["squeezeflow.recipe_sha256"]) == 64
     assert len(version.tags["squeezeflow.evaluation_sha256"]) == 64
+    # what the speeds were measured on travels with the version
+    assert version.tags["squeezeflow.cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert version.tags["squeezeflow.torch_version"] == torch.__version__
+    assert version.tags["squeezeflow.cpu_model"]
+    assert sum(json.loads(version.tags["squeezeflow.kernel_mix"]).values()) > 0  # packed layers ran
     run = client.get_run(version.run_id)
     metrics = run.data.metrics
     # the base was trained (chance is ~280), and the compressed model stays close to it
@@ -64,10 +69,12 @@ def test_causal_lm_end_to_end(workdir: Path, trained_llama_dir: Path,
     assert metrics["compression_ratio"] > 1.5
     assert metrics["weights_mb"] < metrics["base_weights_mb"]
     for name in ("latency_p50_ms", "latency_p95_ms", "peak_memory_mb", "base_peak_memory_mb",
-                 "speedup", "parameters"):
+                 "speedup", "parameters", "decode_tokens_per_s", "base_decode_tokens_per_s",
+                 "decode_speedup"):
         assert metrics[name] > 0, name
     assert run.data.params["stages.1.steps.0.bits"] == "4"
-    for tag in ("base_model", "base_sha256", "code_version", "flow_run_id", "model_sha256"):
+    for tag in ("base_model", "base_sha256", "code_version", "flow_run_id", "model_sha256",
+                "cpu_capability", "cpu_model", "threads", "kernel_mix"):
         assert run.data.tags[f"squeezeflow.{tag}"], tag
     children = client.search_runs(
         [run.info.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}'"
@@ -86,6 +93,7 @@ def test_causal_lm_end_to_end(workdir: Path, trained_llama_dir: Path,
     assert "| perplexity |" in comparison.read_text()
     card = Path(client.download_artifacts(run.info.run_id, "model_card.md", str(workdir)))
     assert f"{metrics['perplexity']:.6g}" in card.read_text()
+    assert f"({torch.backends.cpu.get_cpu_capability()}, " in card.read_text()
 
     # the same comparison is a Prefect artifact of the flow run
     from prefect.client.orchestration import get_client
@@ -124,7 +132,9 @@ def test_encoder_end_to_end_and_list(workdir: Path, tiny_bert_dir: Path,
     version = client.get_model_version("tiny-bert-q8", result.registered.version)
     assert version.aliases == [] and version.tags["gate"] == "failed"
     assert version.tags["gate.1"].startswith("fail: speedup >= 100")
+    assert version.tags["squeezeflow.cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     metrics = client.get_run(version.run_id).data.metrics
+    assert "decode_tokens_per_s" not in metrics  # decoding is timed for causal LMs only
     assert metrics["fidelity_cosine"] > 0.99
     assert 0.9 < metrics["fidelity_spearman"] <= 1.0
     assert 0.5 < metrics["fidelity_topk"] <= 1.0
