@@ -4,9 +4,9 @@ migrated MLflow store template copied per test, tiny models made on the spot."""
 from __future__ import annotations
 
 import os
-import tempfile
 import shutil
 import subprocess
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
