@@ -9,6 +9,11 @@ gptqmodel) loads. Per quantized layer `NAME` with `in` inputs, `out` outputs:
 - `NAME.scales` (groups, out) fp16;
 - `NAME.g_idx` (in,) int32: the group of each input column (non-monotone with act_order);
 plus every other tensor as is, and a `quantization_config` in config.json.
+
+The layers come from the integer weight format (`compression/formats/integer.py`):
+`IntegerFormat.current` on a model in memory, `IntegerFormat.read` (through
+`load_compressed`) for a saved squeezeflow folder. Linears that share one quantized
+weight (block sharing) are each written out, since GPTQ checkpoints cannot tie them.
 """
 
 from __future__ import annotations
@@ -22,22 +27,16 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from squeezeflow.compression.formats import FORMATS, IntegerFormat, stored_linears
 from squeezeflow.compression.models import find_blocks
-from squeezeflow.compression.quantization.qweight import (
-    QuantizedWeight,
-    current_quantized,
-    group_index,
-)
+from squeezeflow.compression.quantization.qweight import QuantizedWeight, group_index
 
 WORD_BITS = 32  # GPTQ packs into int32 words
 
 
 def export_gptq(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: Path) -> Path:
     """Write `model`, whose Linear layers were quantized by gptq or rtn, as a GPTQ checkpoint."""
-    quantized = {
-        name: q for name, module in model.named_modules()
-        if (q := current_quantized(module)) is not None
-    }
+    quantized = integer_layers(model)
     if not quantized:
         raise ValueError("export_gptq: the model has no quantized Linear layers")
     scaled = sorted(n for n, q in quantized.items() if getattr(q, "input_scale", None) is not None)
@@ -98,6 +97,18 @@ def export_gptq(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path
     (path / "quantize_config.json").write_text(json.dumps(quantization_config, indent=2))
     tokenizer.save_pretrained(path)
     return path
+
+
+def integer_layers(model: nn.Module) -> dict[str, QuantizedWeight]:
+    """{Linear name: its integer-grid weight}, sharers of one weight included, in model order."""
+    integer = FORMATS.of(IntegerFormat)
+    layers = {
+        name: linear.stored
+        for linear in stored_linears(model) if linear.format is integer
+        for name in (linear.owner, *linear.sharers)
+    }
+    order = {name: index for index, (name, _) in enumerate(model.named_modules(remove_duplicate=False))}
+    return dict(sorted(layers.items(), key=lambda item: order.get(item[0], len(order))))
 
 
 def gptq_tensors(name: str, q: QuantizedWeight, v1_zeros: bool = True) -> dict[str, Tensor]:

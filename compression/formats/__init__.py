@@ -1,0 +1,23 @@
+"""Weight formats: one registered class per stored weight layout (see `base.py`).
+
+The built-in formats are imported here, explicitly; a new format is one module in
+this folder and one import line below.
+"""
+
+from squeezeflow.compression.formats.base import (
+    FORMATS,
+    FormatRegistry,
+    StoredLinear,
+    Take,
+    UnknownFormatError,
+    WeightFormat,
+    register_format,
+    stored_linears,
+)
+from squeezeflow.compression.formats.codebook import CodebookFormat
+from squeezeflow.compression.formats.integer import IntegerFormat
+
+__all__ = [
+    "FORMATS", "CodebookFormat", "FormatRegistry", "IntegerFormat", "StoredLinear", "Take",
+    "UnknownFormatError", "WeightFormat", "register_format", "stored_linears",
+]
