@@ -6,6 +6,7 @@ packed layer runs is measured per machine (`kernels/choice.py`).
 """
 
 from squeezeflow.kernels.choice import Kernel, KernelChooser
+from squeezeflow.kernels.codebook import CodebookLinear
 from squeezeflow.kernels.linear import (
     DequantLinear,
     Int4Linear,
@@ -18,6 +19,6 @@ from squeezeflow.kernels.linear import (
 )
 
 __all__ = [
-    "DequantLinear", "Int4Linear", "Int8Linear", "Kernel", "KernelChooser", "QuantLinear",
+    "CodebookLinear", "DequantLinear", "Int4Linear", "Int8Linear", "Kernel", "KernelChooser", "QuantLinear",
     "W8A8Linear", "kernel_mix", "kernel_table", "pack_linear",
 ]

@@ -58,7 +58,7 @@ TIE = 0.05  # timings closer than this are noise on a shared 2-core machine
 class Kernel:
     """One way to compute a packed layer's product.
 
-    run: x (rows, in) fp32 -> y (rows, out) fp32, bias included.
+    run: x (rows, in) fp32 -> y (rows, out) fp32, without the bias (the layer adds it).
     exact: the product this kernel must reproduce to `EXACT_TOLERANCE`, when it is
     not the layer's reference (W8A8 kernels compute an int8 product, which the
     reference only approximates); None = the layer's reference within its tolerance.

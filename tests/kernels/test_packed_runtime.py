@@ -177,3 +177,22 @@ def test_squeeze_kernels_prints_each_decision(tmp_path: Path) -> None:
     assert all(row["kernel"] in row["ms"] or not row["ms"] for row in rows)
     table = CliRunner().invoke(app, ["kernels", str(folder), "--tokens", "8"])
     assert table.exit_code == 0 and "int4" in table.output
+
+
+def test_nf4_reloads_onto_the_packed_codebook_runtime(tmp_path: Path) -> None:
+    from squeezeflow.kernels import CodebookLinear
+
+    model, tokenizer = tiny_llama(hidden=128, intermediate=256, layers=2)
+    batch = _batch(tokenizer)
+    _quantize(model, [{"kind": "float4", "format": "nf4"}], batch)
+    with torch.no_grad():
+        dense_logits = model(**batch).logits
+    folder = save_compressed(model, tokenizer, "causal-lm", tmp_path / "nf4")
+    with torch.no_grad():
+        packed = squeezeflow.load_compressed(folder)
+        layers = [m for m in packed.model.modules() if isinstance(m, CodebookLinear)]
+        assert len(layers) == 2 * 7  # q, k, v, o, gate, up, down per block
+        assert _relative_error(packed.model(**batch).logits, dense_logits) < 0.02
+    # codes two per byte + fp16 scales per 64 inputs + the codebook: ~0.13 of fp32
+    for layer in layers:
+        assert layer.resident_bytes() <= 0.2 * 4 * layer.in_features * layer.out_features
