@@ -52,6 +52,8 @@ MAX_REPEATS = 15
 TIME_BUDGET_S = 0.3  # per candidate and decision: enough repeats for a stable median
 PROBE_SEED = 1234
 TIE = 0.05  # timings closer than this are noise on a shared 2-core machine
+HOPELESS = 3.0  # a first timed call this many times the best one's is not repeated
+SCREEN_ROWS = 64  # larger batches are screened on this many rows first
 
 
 @dataclass(frozen=True)
@@ -269,31 +271,65 @@ def decide(
     if len(kept) == 1 or os.environ.get("SQUEEZEFLOW_KERNEL_CHOICE") == "first":
         return Decision(kept[0].name, {}, rejected)
     ms = time_kernels(kept, probe_inputs(probe_rows, in_features, adversarial=False, device=device))
-    fastest = min(ms.values())
-    best = next(kernel.name for kernel in kept if ms[kernel.name] <= fastest * (1 + TIE))
+    fastest = min(ms.values())  # kernels screened out are not in `ms`
+    best = next(k.name for k in kept if ms.get(k.name, float("inf")) <= fastest * (1 + TIE))
     return Decision(best, ms, rejected)
 
 
 def time_kernels(kernels: Sequence[Kernel], x: Tensor) -> dict[str, float]:
-    """Median ms per call of each kernel on `x`, timed round-robin after a warm-up."""
-    times: dict[str, list[float]] = {kernel.name: [] for kernel in kernels}
+    """Median ms per call of each kernel on `x`, timed round-robin after a warm-up.
+
+    A kernel whose first timed call takes over `HOPELESS` times the best first call is
+    not repeated (its one call is reported): it cannot win, and at large batches such
+    calls take seconds (measured: int8 with fp32 activations, 27 s at 1024 x 4096 ->
+    11008 against 0.4 s for the winner).
+    """
+    def once(kernel: Kernel) -> float:
+        start = time.perf_counter()
+        kernel.run(x)
+        _synchronize(x)
+        return time.perf_counter() - start
+
+    kernels = screened(kernels, x, once)
     with torch.inference_mode():
         for kernel in kernels:  # warm-up: first calls allocate, compile, pack
-            start = time.perf_counter()
-            kernel.run(x)
-            _synchronize(x)
-            times[kernel.name].append(time.perf_counter() - start)
-        slowest = max(values[0] for values in times.values())
+            once(kernel)
+        first = {kernel.name: once(kernel) for kernel in kernels}
+        best = min(first.values())
+        contenders = [kernel for kernel in kernels if first[kernel.name] <= HOPELESS * best]
+        slowest = max(first[kernel.name] for kernel in contenders)
         repeats = max(MIN_REPEATS, min(MAX_REPEATS, int(TIME_BUDGET_S / max(slowest, 1e-6))))
-        for name in times:
-            times[name].clear()
-        for _ in range(repeats):
-            for kernel in kernels:
-                start = time.perf_counter()
-                kernel.run(x)
-                _synchronize(x)
-                times[kernel.name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) * 1e3 for name, values in times.items()}
+        times = {kernel.name: [first[kernel.name]] for kernel in contenders}
+        for _ in range(repeats - 1):
+            for kernel in contenders:
+                times[kernel.name].append(once(kernel))
+    medians = {name: statistics.median(values) for name, values in times.items()}
+    return {kernel.name: 1e3 * medians.get(kernel.name, first[kernel.name]) for kernel in kernels}
+
+
+def screened(
+    kernels: Sequence[Kernel], x: Tensor, once: Callable[[Kernel], float]
+) -> list[Kernel]:
+    """Kernels worth timing on all of x's rows, judged on its first `SCREEN_ROWS` rows.
+
+    A call on more rows never takes less time, and a call on n times more rows takes
+    at most about n times longer; so a kernel slower on the few rows than HOPELESS
+    times the best kernel's time scaled up to all rows cannot win (measured: oneDNN's
+    int8 linear at 4096 x 1536 -> 384 took 34 s per call on a Zen 4 EPYC, `_int_mm`
+    25 ms; screening costs one call on 64 rows).
+    """
+    rows = x.shape[0]
+    if rows <= SCREEN_ROWS:
+        return list(kernels)
+    few = x[:SCREEN_ROWS]
+    small = [Kernel(k.name, (lambda run: lambda _: run(few))(k.run), k.exact) for k in kernels]
+    with torch.inference_mode():
+        for kernel in small:
+            kernel.run(few)  # warm-up: compile, allocate
+        seconds = {kernel.name: once(kernel) for kernel in small}
+    scale = rows / SCREEN_ROWS
+    bound = HOPELESS * min(value * scale for value in seconds.values())
+    return [kernel for kernel in kernels if seconds[kernel.name] <= bound]
 
 
 def _synchronize(x: Tensor) -> None:

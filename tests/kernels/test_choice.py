@@ -42,6 +42,21 @@ def test_contract_rejects_wrong_and_failing_kernels_and_timing_picks_the_fastest
     assert "no kernel image" in decision.rejected["broken"]
 
 
+def test_large_batches_screen_out_hopeless_kernels_on_few_rows() -> None:
+    W = _weight()
+    calls = {"slow": 0}
+
+    def slow(x: torch.Tensor) -> torch.Tensor:
+        calls["slow"] += 1
+        time.sleep(0.02)
+        return x @ W.T
+
+    kernels = [Kernel("slow", slow), Kernel("fast", lambda x: x @ W.T)]
+    decision = decide(kernels, lambda x: x.double() @ W.double().T, 0.02, 1024, 64)
+    assert decision.kernel == "fast" and set(decision.ms) == {"fast"}
+    assert calls["slow"] == 2 + 2  # contract (plain, adversarial), screening (warm-up, timed)
+
+
 def test_a_near_tie_keeps_the_more_accurate_kernel_listed_first() -> None:
     W = _weight()
     kernels = [Kernel("accurate", lambda x: x @ W.T), Kernel("same_speed", lambda x: x @ W.T)]
