@@ -3,10 +3,10 @@
 A fresh process is the honest measurement on CPU: after the imports the kernel's
 peak resident set size (VmHWM) is reset to the current size (`/proc/self/clear_refs`),
 and the peak after loading the model and running one inference batch, minus the
-size at reset, is what the model costs. The first batch of a packed model may decide
-its kernels (timing candidates: a once-per-machine cost, cached on disk), so the batch
-is measured a second time after a reset, and the load peak and that batch's peak are
-reported, whichever is larger.
+size at reset, is what the model costs. The first batch of a packed model on a machine
+decides its kernels (timing candidates: a once-per-machine cost, cached on disk), so a
+first process runs the batch unmeasured to make those decisions, and a second process,
+which finds them cached, is measured.
 Run as `python -m squeezeflow.evaluation.memory MODEL_DIR TEXTS_JSON BATCH MAX_LEN`.
 """
 
@@ -37,14 +37,15 @@ def _reset_peak() -> float:
 def peak_memory_mb(model_dir: Path, texts: list[str], batch_size: int, max_length: int) -> float:
     """Peak MB above the post-import baseline for load + one batch of `texts`."""
     texts_json = json.dumps(texts[:batch_size])
-    result = subprocess.run(
-        [sys.executable, "-m", __name__, str(model_dir), texts_json, str(max_length)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if result.returncode != 0:
-        raise RuntimeError(f"memory measurement of {model_dir} failed:\n{result.stderr[-2000:]}")
+    for _ in ("decide kernels", "measure"):
+        result = subprocess.run(
+            [sys.executable, "-m", __name__, str(model_dir), texts_json, str(max_length)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if result.returncode != 0:
+            raise RuntimeError(f"memory measurement of {model_dir} failed:\n{result.stderr[-2000:]}")
     return float(json.loads(result.stdout.strip().splitlines()[-1])["peak_memory_mb"])
 
 
@@ -64,19 +65,12 @@ def _measure(model_dir: str, texts_json: str, max_length: int) -> float:
         max_length=max_length,
         return_tensors="pt",
     )
-    load_peak = _status_mb("VmHWM") - baseline
-
-    def run() -> None:
-        with torch.inference_mode():
-            if loaded.kind == "encoder":
-                mean_pooled_embeddings(loaded.model, batch["input_ids"], batch["attention_mask"])
-            else:
-                loaded.model(**batch, use_cache=False)
-
-    run()  # decides kernels on a machine that has not seen these shapes yet
-    _reset_peak()
-    run()
-    return max(load_peak, _status_mb("VmHWM") - baseline)
+    with torch.inference_mode():
+        if loaded.kind == "encoder":
+            mean_pooled_embeddings(loaded.model, batch["input_ids"], batch["attention_mask"])
+        else:
+            loaded.model(**batch, use_cache=False)
+    return _status_mb("VmHWM") - baseline
 
 
 def _import_model_code(model_dir: str) -> None:

@@ -457,8 +457,8 @@ def pack_linear(
         if reason is None:
             try:
                 ops.int4_layout(out_features)
-            except ValueError as error:  # a packing this torch build lays out otherwise
-                reason = str(error)
+            except (ValueError, RuntimeError) as error:  # laid out otherwise, or no such op
+                reason = f"int4 packing unavailable here: {error}".splitlines()[0]
         if reason is None and group_size is not None:
             return Int4Linear(codes, scale, zero, group_size, bias, perm, input_scale)
         rejected.append(f"int4: {reason}")
