@@ -275,8 +275,9 @@ def onednn_w8a8_mm(
 
     `levels` = REDUCED_LEVELS rounds activations to [-63, 63] and feeds them as uint8
     with zero point 64 (values 1..127): on CPUs without VNNI, oneDNN multiplies
-    u8 x s8 pairs into 16-bit sums, which saturate for full-range int8 (measured with
-    ONEDNN_MAX_CPU_ISA=AVX2: relative error 0.21 against the exact product) and
+    u8 x s8 pairs into 16-bit sums, which saturate for full-range int8 (reproduced with
+    ONEDNN_MAX_CPU_ISA=AVX2 by tests/kernels/test_choice.py, where the contract
+    rejects it at relative error 0.135 on Gaussian inputs) and
     cannot for 7-bit activations (|127 * 127 * 2| < 2**15). fbgemm's `reduce_range`
     rests on the same bound.
     """
