@@ -6,18 +6,23 @@ embeddings (encoders) or greedy continuations (causal LMs) from the compressed m
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import mlflow.pyfunc
 
 ARTIFACT_KEY = "model"  # the compressed model folder inside the logged pyfunc model
+# What `log_model(python_model=...)` gets: the path of a code file, logged as code and
+# run on load (MLflow "models from code"), never a pickled object.
+PYFUNC_CODE = str(Path(__file__).with_name("pyfunc_entry.py"))
 
 
 class CompressedModel(mlflow.pyfunc.PythonModel):  # type: ignore[misc,name-defined]
     def load_context(self, context: Any) -> None:
         from squeezeflow.compression.artifact import load_compressed
 
-        # the packed runtime: quantized Linears on packed int kernels, as users load them
+        # the packed runtime: quantized Linears on packed int kernels, as users load them;
+        # the folder is checked against its manifest first (IntegrityError names the file)
         self.loaded = load_compressed(context.artifacts[ARTIFACT_KEY], runtime="packed")
 
     def predict(

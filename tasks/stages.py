@@ -8,7 +8,6 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,16 @@ from transformers import AutoConfig
 from squeezeflow.compression.artifact import load_compressed, save_compressed
 from squeezeflow.compression.catalog import CATALOG
 from squeezeflow.compression.data import load_texts, texts_sha256, tokenized_batches
+from squeezeflow.compression.integrity import (
+    IntegrityError,
+    atomic_folder,
+    atomic_write_text,
+    folder_lock,
+    has_manifest,
+    remove_leftovers,
+    verify_folder,
+    write_manifest,
+)
 from squeezeflow.compression.models import detect_kind, load_tokenizer, resolve_source
 from squeezeflow.compression.runners import run_stage_steps
 from squeezeflow.compression.step import Step, TrainingContext
@@ -40,6 +49,8 @@ from squeezeflow.registry.runs import artifact_uris, download_model, log_and_reg
 from squeezeflow.tasks.refs import CheckpointRef, DataRef, code_version, folder_sha256, workspace
 
 log = logging.getLogger("squeezeflow")
+
+STAGE_FILE = "stage.json"  # written last into a stage's output: its metrics and timing
 
 
 class StageResult(BaseModel):
@@ -61,29 +72,46 @@ class TrainingRef(BaseModel):
 
 @task(name="materialize-model", cache_policy=NONE, retries=2, retry_delay_seconds=[5, 20])
 def materialize_model(spec: ModelSpec, tracking_uri: str | None = None) -> CheckpointRef:
-    """A local folder for the base model: bundled default, path, hub id, or `models:/...`."""
+    """A local folder for the base model: bundled default, path, hub id, or `models:/...`.
+
+    A registered version is downloaded once into the workspace (under a lock, whole or
+    not at all) and checked against the version's hash tag every time it is used.
+    """
     if spec.source.startswith("models:/"):  # a version in the registry (lineage: base version)
-        target = workspace() / "bases" / hashlib.sha256(spec.source.encode()).hexdigest()[:16]
-        path = download_model(spec.source, tracking_uri, destination=target)
+        name = hashlib.sha256(spec.source.encode()).hexdigest()[:16]
+        with folder_lock(workspace() / "locks" / f"base-{name}.lock", what=spec.source):
+            path = download_model(spec.source, tracking_uri, destination=workspace() / "bases" / name)
     else:
         path = resolve_source(spec.source, spec.revision)
     kind = spec.kind if spec.kind != "auto" else detect_kind(AutoConfig.from_pretrained(path))
     log.info("base model %s (%s)", path, kind)
-    return CheckpointRef(path=str(path), sha256=folder_sha256(path), kind=kind)
+    digest = verify_folder(path) if has_manifest(path) else folder_sha256(path)
+    return CheckpointRef(path=str(path), sha256=digest, kind=kind)
 
 
 @task(name="materialize-data", cache_policy=NONE)
 def materialize_data(spec: DataSpec) -> DataRef:
+    """The selected texts as a JSON file in the workspace, named by their hash.
+
+    Written atomically; an existing file is reused only if its content still hashes to
+    its name (a file damaged by a crash or an edit is rewritten).
+    """
     texts = load_texts(
         spec.source, split=spec.split, text_field=spec.text_field,
         num_samples=spec.num_samples, subset=spec.subset,
     )
     digest = texts_sha256(texts)
     path = workspace() / "data" / f"{digest}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if not path.exists():
-        path.write_text(json.dumps(texts))
+    if not _holds_texts(path, digest):
+        atomic_write_text(path, json.dumps(texts))
     return DataRef(path=str(path), sha256=digest, count=len(texts))
+
+
+def _holds_texts(path: Path, digest: str) -> bool:
+    try:
+        return texts_sha256(json.loads(path.read_text())) == digest
+    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError, TypeError):
+        return False
 
 
 def read_texts(ref: DataRef) -> list[str]:
@@ -125,22 +153,49 @@ def run_stage(
     The folder is named by the content hash of everything the stage depends on
     (input checkpoint, stage config, calibration data, seed, code version), so an
     unchanged stage is reused instead of recomputed, also after a crash in a later
-    stage; `use_cache=False` recomputes and replaces it. A stage that trains keeps a
-    resumable checkpoint under `training/<same hash>` until its output is complete, so
-    a killed run continues training where it stopped.
+    stage; `use_cache=False` recomputes and replaces it. A cached folder is reused only
+    if every file still matches its manifest; otherwise it is recomputed. Runs of the
+    same stage (same folder) take turns under a lock: the second one waits and reuses
+    the first one's output. A stage that trains keeps a resumable checkpoint under
+    `training/<same hash>` until its output is complete, so a killed run continues
+    training where it stopped.
     """
     key = stage_key(stage, source, calibration, seed, calibration_spec, training)
-    output = workspace() / "checkpoints" / key
-    done = output / "stage.json"
-    if use_cache and done.exists():
-        saved = json.loads(done.read_text())
-        log.info("stage %s: cached, reusing %s", stage.name, output)
-        return StageResult(
-            name=stage.name,
-            checkpoint=CheckpointRef(path=str(output), sha256=saved["sha256"], kind=source.kind),
-            seconds=saved["seconds"], metrics=saved["metrics"], reused=True,
-            curves=saved.get("curves", {}),
-        )
+    checkpoints = workspace() / "checkpoints"
+    output = checkpoints / key
+    with folder_lock(workspace() / "locks" / f"{key}.lock", what=f"stage {stage.name}"):
+        remove_leftovers(checkpoints, key)  # partial outputs of killed runs of this stage
+        cached = _cached_stage(stage.name, output, source.kind) if use_cache else None
+        if cached is not None:
+            return cached
+        return _compute_stage(stage, source, calibration, calibration_spec, seed, training, key, output)
+
+
+def _cached_stage(name: str, output: Path, kind: str) -> StageResult | None:
+    """The stage output at `output` if it is complete and intact, else None."""
+    done = output / STAGE_FILE
+    if not done.exists():
+        return None
+    try:
+        digest = verify_folder(output)
+    except IntegrityError as error:
+        log.warning("stage %s: cached output is damaged (%s); recomputing it", name, error)
+        return None
+    saved = json.loads(done.read_text())
+    os.utime(done)  # last use, for `squeeze cache gc`
+    log.info("stage %s: cached, reusing %s", name, output)
+    return StageResult(
+        name=name, checkpoint=CheckpointRef(path=str(output), sha256=digest, kind=kind),
+        seconds=saved["seconds"], metrics=saved["metrics"], reused=True,
+        curves=saved.get("curves", {}),
+    )
+
+
+def _compute_stage(
+    stage: StageSpec, source: CheckpointRef, calibration: DataRef | None,
+    calibration_spec: DataSpec | None, seed: int, training: TrainingRef | None,
+    key: str, output: Path,
+) -> StageResult:
     start = time.perf_counter()
     torch.manual_seed(seed)
     steps = [CATALOG.build(config) for config in stage.steps]
@@ -164,9 +219,7 @@ def run_stage(
             teacher=Path(training.teacher.path) if training.teacher else None,
             seed=seed,
         )
-    output.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=output.parent) as scratch:
-        staging = Path(scratch) / "model"
+    with atomic_folder(output) as staging:
         if writer is not None:  # the step loads, compresses and saves the model itself
             reports = [writer.write_checkpoint(Path(source.path), batches, staging)]
             seconds = time.perf_counter() - start
@@ -187,13 +240,10 @@ def run_stage(
             curves |= {f"{label}.{name}": points for name, points in report.curves.items()}
             for module, values in report.per_module.items():
                 metrics |= {f"{label}.{module}.{name}": value for name, value in values.items()}
-        digest = folder_sha256(staging)
-        (staging / "stage.json").write_text(
-            json.dumps({"sha256": digest, "seconds": seconds, "metrics": metrics, "curves": curves})
+        (staging / STAGE_FILE).write_text(
+            json.dumps({"stage": stage.name, "seconds": seconds, "metrics": metrics, "curves": curves})
         )
-        if output.exists():  # a crashed earlier attempt left an incomplete folder
-            shutil.rmtree(output)
-        staging.rename(output)
+        digest = write_manifest(staging)  # last: it covers every file, stage.json included
     if context is not None:  # the stage is complete: its resumable checkpoint is not needed
         shutil.rmtree(context.folder, ignore_errors=True)
     log.info("stage %s done in %.1f s", stage.name, seconds)

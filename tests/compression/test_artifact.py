@@ -7,6 +7,7 @@ import torch
 
 from squeezeflow.compression.artifact import FORMAT_FILE, load_compressed, save_compressed
 from squeezeflow.compression.catalog import CATALOG
+from squeezeflow.compression.integrity import IntegrityError
 from squeezeflow.compression.quantization.qweight import QUANTIZED_ATTR
 from squeezeflow.compression.runners import run_stage_steps
 from squeezeflow.evaluation.size import weights_bytes
@@ -74,5 +75,7 @@ def test_unknown_format_version_is_refused(tmp_path: Path) -> None:
     folder = save_compressed(model, tokenizer, "causal-lm", tmp_path / "m")
     text = (folder / FORMAT_FILE).read_text().replace('"version": 1', '"version": 99')
     (folder / FORMAT_FILE).write_text(text)
-    with pytest.raises(ValueError, match="format version 99"):
+    with pytest.raises(IntegrityError, match=FORMAT_FILE):  # edited after saving: refused
         load_compressed(folder)
+    with pytest.raises(ValueError, match="format version 99"):
+        load_compressed(folder, verify=False)

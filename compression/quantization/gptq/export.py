@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from squeezeflow.compression.formats import FORMATS, IntegerFormat, stored_linears
+from squeezeflow.compression.integrity import atomic_folder, write_manifest
 from squeezeflow.compression.models import find_blocks
 from squeezeflow.compression.quantization.qweight import QuantizedWeight, group_index
 
@@ -67,7 +68,18 @@ def export_gptq(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path
     for name, q in quantized.items():
         tensors.update(gptq_tensors(name, q, v1_zeros=checkpoint_format == "gptq"))
 
-    path.mkdir(parents=True, exist_ok=True)
+    with atomic_folder(path) as partial:  # whole or not at all: a killed export leaves no half folder
+        _write_gptq_folder(model, tokenizer, partial, tensors, prefix, quantized,
+                           (bits, group_size, symmetric, checkpoint_format))
+    return path
+
+
+def _write_gptq_folder(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: Path,
+    tensors: dict[str, Tensor], prefix: str, quantized: dict[str, QuantizedWeight],
+    settings: tuple[int, int, bool, str],
+) -> None:
+    bits, group_size, symmetric, checkpoint_format = settings
     save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
     block_linears = [
         name for name, module in model.named_modules()
@@ -96,7 +108,7 @@ def export_gptq(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path
     (path / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
     (path / "quantize_config.json").write_text(json.dumps(quantization_config, indent=2))
     tokenizer.save_pretrained(path)
-    return path
+    write_manifest(path)
 
 
 def integer_layers(model: nn.Module) -> dict[str, QuantizedWeight]:
