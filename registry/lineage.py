@@ -9,7 +9,14 @@ from pathlib import Path
 import mlflow
 from mlflow.exceptions import MlflowException
 
-from squeezeflow.registry.pyfunc import ARTIFACT_KEY, CompressedModel
+from squeezeflow.compression.integrity import (
+    has_manifest,
+    manifest_digest,
+    manifest_of,
+    verify_folder,
+)
+from squeezeflow.registry.fetch import MODEL_SHA256_TAG
+from squeezeflow.registry.pyfunc import ARTIFACT_KEY, PYFUNC_CODE
 from squeezeflow.registry.store import connect
 
 
@@ -26,11 +33,13 @@ def register_folder(folder: Path, model_name: str, tracking_uri: str | None = No
     with mlflow.start_run(run_id=run.info.run_id), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Passing a Python object")
         info = mlflow.pyfunc.log_model(
-            name="model", python_model=CompressedModel(),
+            name="model", python_model=PYFUNC_CODE,
             artifacts={ARTIFACT_KEY: str(folder)},
             pip_requirements=pip_requirements or requirements(),
         )
-    version = mlflow.register_model(info.model_uri, model_name)
+    # the content digest a download is checked against (the folder's manifest digest)
+    digest = verify_folder(folder) if has_manifest(folder) else manifest_digest(manifest_of(folder))
+    version = mlflow.register_model(info.model_uri, model_name, tags={MODEL_SHA256_TAG: digest})
     return str(version.version)
 
 
@@ -62,3 +71,18 @@ def remember_built_base_version(target_model_name: str, base_model_name: str, ve
                                 tracking_uri: str | None = None) -> None:
     connect(tracking_uri).set_registered_model_tag(target_model_name, _tag(base_model_name),
                                                    version)
+
+
+def hub_commit_tags(source: str, revision: str | None) -> dict[str, str]:
+    """Lineage of a base model read from the hub: the commit the run downloaded.
+
+    `revision` is the one `ModelSpec.pinned()` resolved when the run started, so the
+    tag names exactly the weights that were hashed and compressed. Keys are unprefixed,
+    like the other lineage keys (`lineage_tags` adds `squeezeflow.`); no tag for
+    sources that are not hub ids (folders, the bundled default, registered versions).
+    """
+    from squeezeflow.compression.models import source_kind
+
+    if revision is None or source_kind(source) != "hub":
+        return {}
+    return {"base_hub_id": source, "base_hub_commit": revision}

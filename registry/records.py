@@ -28,6 +28,7 @@ class RunRecord(BaseModel):
     alias: str
     base_model: str
     base_sha256: str
+    base_revision: str | None = None  # the hub commit a hub-id base was pinned to
     kind: str
     data_sha256: dict[str, str]  # "calibration" / "evaluation" -> content hash
     stages: list[StageRecord]

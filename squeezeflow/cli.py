@@ -11,6 +11,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.table import Table
 
 from squeezeflow.settings import apply_defaults, quiet_progress_bars
@@ -24,21 +25,31 @@ EXIT_INVALID = 2  # a recipe that cannot run: nothing loaded, nothing logged
 RecipeArg = Annotated[Path, typer.Argument(help="recipe YAML file", show_default=False)]
 
 
-def _load_or_exit(recipe_path: Path):  # type: ignore[no-untyped-def]
+def _load_or_exit(recipe_path: Path, strict: bool = False):  # type: ignore[no-untyped-def]
     from squeezeflow.recipe import RecipeError, load_recipe
 
     try:
-        return load_recipe(recipe_path)
+        recipe = load_recipe(recipe_path, strict=strict)
     except RecipeError as error:
         errors.print(f"[bold red]invalid recipe[/] {recipe_path}:")
-        errors.print(str(error), markup=False, highlight=False)
+        # soft_wrap: long paths stay whole (copyable); the terminal wraps them
+        errors.print(str(error), markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(EXIT_INVALID) from None
+    for warning in recipe.warnings:  # checks not done (hub unreachable): said, not hidden
+        errors.print(f"[yellow]warning[/] {escape(warning)}", highlight=False, soft_wrap=True)
+    return recipe
 
 
 @app.command()
-def validate(recipe_path: RecipeArg) -> None:
+def validate(
+    recipe_path: RecipeArg,
+    strict: Annotated[bool, typer.Option(
+        "--strict", envvar="SQUEEZEFLOW_STRICT",
+        help="a check that could not be done (hub unreachable) is an error (for CI)",
+    )] = False,
+) -> None:
     """Check a recipe without loading any weights (exit code 2 when invalid)."""
-    recipe = _load_or_exit(recipe_path)
+    recipe = _load_or_exit(recipe_path, strict=strict)
     console.print(f"[green]ok[/] {recipe_path}: {recipe.name}")
     for stage in recipe.stages:
         kinds = ", ".join(step.kind for step in stage.steps)
@@ -147,7 +158,9 @@ def promote(
 ) -> None:
     """Move the `champion` alias to the best candidate passing every gate (or roll back).
 
-    Exit codes: 0 promoted (or rolled back), 3 no candidate passed, 2 refused.
+    Exit codes: 0 promoted (or rolled back), 3 no candidate passed, 2 refused (bad input,
+    candidates evaluated on other data or base than the champion, or a registry error;
+    no alias moved).
     """
     apply_defaults()
     from squeezeflow.evaluation.gates import PromotionGates
@@ -169,7 +182,8 @@ def promote(
         outcome = run_promotion(model_name, gates, version=version, alias=alias,
                                 tracking_uri=tracking_uri)
     except PromotionError as error:
-        errors.print(f"[bold red]promotion refused[/]: {error}", highlight=False)
+        errors.print(f"[bold red]promotion refused[/]: {escape(str(error))}", highlight=False,
+                     soft_wrap=True)  # hashes and URIs stay whole, copyable
         raise typer.Exit(EXIT_INVALID) from None
     table = Table("version", "result", "gates")
     for decision in outcome.decisions:
@@ -180,6 +194,8 @@ def promote(
             f"({'missing' if r.value is None else f'{r.value:.4g}'})"
             for r in decision.results
         )
+        if decision.refused is not None:  # not comparable with the champion
+            verdict, gates_text = "[yellow]refused[/]", escape(decision.refused)
         table.add_row(decision.version, verdict, gates_text)
     console.print(table)
     if not outcome.promoted:
@@ -324,6 +340,56 @@ def register_base(
 
     version = register_folder(folder, model_name, tracking_uri)
     console.print(f"[green]registered[/] {model_name} version {version}")
+
+
+cache_app = typer.Typer(help="The workspace cache: stage outputs, data, training checkpoints.")
+app.add_typer(cache_app, name="cache")
+
+
+@cache_app.command("ls")
+def cache_ls(
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
+) -> None:
+    """What the workspace ($SQUEEZEFLOW_HOME or ./.squeezeflow) holds, least recently used first."""
+    import time
+
+    from squeezeflow.compression.cache import entries
+    from squeezeflow.tasks.refs import workspace
+
+    root = workspace()
+    cached = entries(root)
+    if as_json:
+        typer.echo(json.dumps([{"kind": e.kind, "name": e.name, "path": str(e.path), "bytes": e.bytes,
+                                "last_used": e.last_used, "in_use": e.in_use} for e in cached], indent=2))
+        return
+    table = Table("kind", "name", "MB", "last used", "in use", title=str(root))
+    for entry in cached:
+        used = time.strftime("%Y-%m-%d %H:%M", time.localtime(entry.last_used))
+        table.add_row(entry.kind, entry.name[:16], f"{entry.bytes / 1e6:.1f}", used,
+                      "yes" if entry.in_use else "")
+    console.print(table)
+    console.print(f"total {sum(e.bytes for e in cached) / 1e6:.1f} MB in {len(cached)} entries")
+
+
+@cache_app.command("gc")
+def cache_gc(
+    max_size: Annotated[str, typer.Option("--max-size", help="keep at most this much, e.g. 20G, 500M")],
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="only say what would go")] = False,
+) -> None:
+    """Delete leftovers of killed runs, then least recently used entries until the cache fits."""
+    from squeezeflow.compression.cache import collect_garbage, parse_size
+    from squeezeflow.tasks.refs import workspace
+
+    try:
+        limit = parse_size(max_size)
+    except ValueError as error:
+        errors.print(f"--max-size: {error}")
+        raise typer.Exit(EXIT_INVALID) from None
+    removed = collect_garbage(workspace(), limit, dry_run=dry_run)
+    verb = "would remove" if dry_run else "removed"
+    for entry in removed:
+        console.print(f"{verb} {entry.kind}/{entry.name} ({entry.bytes / 1e6:.1f} MB)")
+    console.print(f"{verb} {len(removed)} entries, {sum(e.bytes for e in removed) / 1e6:.1f} MB")
 
 
 if __name__ == "__main__":

