@@ -135,7 +135,7 @@ def atomic_write(path: Path, mode: str = "w") -> Iterator[IO[str] | IO[bytes]]:
 
 def atomic_write_text(path: Path, text: str) -> None:
     with atomic_write(path, "w") as handle:
-        handle.write(text)  # type: ignore[arg-type]
+        handle.write(text)  # type: ignore[call-overload]
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

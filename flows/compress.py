@@ -29,7 +29,6 @@ from squeezeflow.tasks.stages import (  # noqa: E402
     materialize_model,
     publish_report,
     register,
-    registry_retry_delays,
     run_stage,
     training_inputs,
 )
@@ -54,7 +53,8 @@ def compress(recipe_path: str, use_cache: bool = True) -> CompressResult:
 
 
 def compress_recipe(recipe: Recipe, use_cache: bool = True) -> CompressResult:
-    base = materialize_model(recipe.model, recipe.registration.tracking_uri)
+    model = recipe.model.pinned()  # a hub id's revision -> the commit it names now (one commit per run)
+    base = materialize_model(model, recipe.registration.tracking_uri)
     calibration = (
         materialize_data(recipe.calibration)
         if recipe.calibration is not None and recipe.needs_calibration()
@@ -98,6 +98,7 @@ def compress_recipe(recipe: Recipe, use_cache: bool = True) -> CompressResult:
         alias=recipe.registration.alias,
         base_model=recipe.model.source,
         base_sha256=base.sha256,
+        base_revision=model.revision,
         kind=base.kind,
         data_sha256=data_sha256,
         stages=[
@@ -113,8 +114,9 @@ def compress_recipe(recipe: Recipe, use_cache: bool = True) -> CompressResult:
         flow_run_id=str(flow_run.get_id() or ""),
         evaluation_tags=report.tags,
     )
-    delays = registry_retry_delays()
-    registered = register.with_options(retries=len(delays), retry_delay_seconds=delays)(record)
+    # retried inside (registry.runs.RetryPolicy, $SQUEEZEFLOW_REGISTRY_RETRY_DELAYS) on
+    # one parent run; a task-level retry on top would multiply the attempts
+    registered = register(record)
     publish_report(record, registered)
     return CompressResult(
         registered=registered, metrics=report.metrics, stages=stages, model_dir=current.path

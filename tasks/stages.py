@@ -307,13 +307,6 @@ def gate_results(gates: tuple[Gate, ...], metrics: dict[str, float]) -> list[Gat
     return check_gates(list(gates), metrics)
 
 
-def registry_retry_delays() -> list[float]:
-    """Backoff between registration attempts: $SQUEEZEFLOW_REGISTRY_RETRY_DELAYS (seconds,
-    comma-separated), else 5, 30 and 120 s: enough to ride out a server restart."""
-    raw = os.environ.get("SQUEEZEFLOW_REGISTRY_RETRY_DELAYS", "5,30,120")
-    return [float(value) for value in raw.split(",") if value.strip()]
-
-
 @task(name="register", cache_policy=NONE)
 def register(record: RunRecord) -> RegisteredVersion:
     """Log and register; safe to retry (a version created by an earlier attempt is reused)."""

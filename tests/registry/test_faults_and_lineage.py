@@ -1,4 +1,5 @@
-"""A registry that is down during a run, and runs triggered by new base versions."""
+"""A registry that is down during a run (attempts and delays counted at a fake server),
+and runs triggered by new base versions."""
 
 from __future__ import annotations
 
@@ -9,8 +10,11 @@ import yaml
 from mlflow import MlflowClient
 
 from tests.conftest import free_port, start_mlflow_server, stop_server
+from tests.registry.test_retries import CountingServer
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_server")]
+
+SLACK_S = 4.0  # below 5 s, the first default delay
 
 
 def bert_recipe(folder: Path, source: str, evaluation: Path, name: str) -> Path:
@@ -37,16 +41,26 @@ def test_registry_down_fails_without_a_version_then_resumes_from_cache(
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
-    monkeypatch.setenv("SQUEEZEFLOW_REGISTRY_RETRY_DELAYS", "0.5,1")
+    monkeypatch.setenv("SQUEEZEFLOW_REGISTRY_RETRY_DELAYS", "0.5,1.5")
+    # one HTTP request per attempt (MLflow's own retries off), so the server counts attempts
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     executed: list[int] = []
     original = stages.run_stage_steps
     monkeypatch.setattr(stages, "run_stage_steps",
                         lambda *a, **k: executed.append(1) or original(*a, **k))
     path = bert_recipe(workdir, str(tiny_bert_dir), text_files["evaluation"], "flaky-registry")
 
-    with pytest.raises(Exception, match=r"(?i)connection|refused|max retries"):
-        compress(str(path))  # nothing listens on the port: retried, then failed
+    with CountingServer(503, "registry restarting", port=port) as down:
+        with pytest.raises(Exception, match="503"):
+            compress(str(path))  # every registry request fails: retried, then failed
     assert executed == [1]  # the stage ran once and its checkpoint is kept
+    # 3 attempts (the first and one after each delay), each after its delay; at most
+    # SLACK_S later (the attempt's own work on a busy 2-core machine), so well before
+    # the default delays (5, 30, 120 s) or a second layer of retries would send them
+    assert down.requests == ["GET /api/2.0/mlflow/experiments/get-by-name"] * 3
+    gaps = [later - earlier for earlier, later in zip(down.times, down.times[1:], strict=False)]
+    for gap, delay in zip(gaps, (0.5, 1.5), strict=True):
+        assert delay <= gap < delay + SLACK_S, gaps
 
     server = start_mlflow_server(workdir / "server", port)
     try:
@@ -57,6 +71,8 @@ def test_registry_down_fails_without_a_version_then_resumes_from_cache(
         assert [s.reused for s in result.stages] == [True]
         versions = client.search_model_versions("name = 'flaky-registry'")
         assert [int(v.version) for v in versions] == [1]
+        runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+        assert [r.info.status for r in runs if r.info.status == "RUNNING"] == []
     finally:
         stop_server(server)
 

@@ -1,19 +1,22 @@
-"""Promotion against a real `mlflow server`: gates, champion alias, tags, rollback, refusals."""
+"""Promotion: gates, champion alias, tags, rollback and refusals against a real `mlflow
+server` (slow); comparability and registry errors on a local SQLite registry (fast)."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import TEMPORARILY_UNAVAILABLE
 from typer.testing import CliRunner
 
 from squeezeflow.cli import app
 from squeezeflow.evaluation.gates import PromotionGates
-from squeezeflow.registry.promotion import PromotionError, promote, rollback
-
-pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_server")]
+from squeezeflow.registry.promotion import HISTORY_TAG, PromotionError, promote, rollback
+from squeezeflow.registry.store import experiment_id
 
 MODEL = "promo-bert"
 
@@ -56,6 +59,8 @@ def fidelity(client: MlflowClient, version: str) -> float:
     return float(client.get_run(run_id).data.metrics["fidelity_cosine"])
 
 
+@pytest.mark.slow
+@pytest.mark.usefixtures("prefect_server")
 def test_promotion_rollback_and_refusals(three_candidates: str) -> None:
     server = three_candidates
     client = MlflowClient(tracking_uri=server, registry_uri=server)
@@ -107,6 +112,8 @@ def test_promotion_rollback_and_refusals(three_candidates: str) -> None:
     assert aliases(client)["champion"] == "1"
 
 
+@pytest.mark.slow
+@pytest.mark.usefixtures("prefect_server")
 def test_cli_promote_exit_codes(three_candidates: str) -> None:
     from tests.conftest import free_port
 
@@ -119,3 +126,139 @@ def test_cli_promote_exit_codes(three_candidates: str) -> None:
                                  "--tracking-uri", three_candidates])
     assert result.exit_code == 3, result.output
     assert "no candidate passed every gate" in result.output
+
+
+# --- comparability and registry errors, on a local SQLite registry ----------------------
+
+UNIT = "unit-model"
+DATA_A, DATA_B = "a" * 64, "9" * 64  # evaluation data hashes
+BASE_A, BASE_B = "b" * 64, "8" * 64  # base model hashes
+LOOSE = PromotionGates(max_quality_drop=0.5)
+
+
+def add_version(client: MlflowClient, fidelity: float, data: str = DATA_A,
+                base: str = BASE_A) -> str:
+    """A registered version whose run measured `fidelity`, tagged like `squeeze run` does."""
+    run = client.create_run(experiment_id(client, "promotion-unit"))
+    client.log_metric(run.info.run_id, "fidelity_cosine", fidelity)
+    client.set_terminated(run.info.run_id)
+    if not client.search_registered_models(f"name = '{UNIT}'"):
+        client.create_registered_model(UNIT)
+    version = client.create_model_version(
+        UNIT, source=f"runs:/{run.info.run_id}/model", run_id=run.info.run_id,
+        tags={"gate": "passed", "squeezeflow.evaluation_sha256": data,
+              "squeezeflow.base_sha256": base},
+    )
+    return str(version.version)
+
+
+@pytest.fixture
+def champion_1(workdir: Path) -> MlflowClient:
+    """Version 1 (fidelity 0.95, data A, base A) is the champion."""
+    client = MlflowClient()
+    add_version(client, 0.95)
+    outcome = promote(UNIT, LOOSE, version="1", decided_by="test")
+    assert outcome.champion == "1"
+    return client
+
+
+def champion(client: MlflowClient) -> str | None:
+    number = client.get_registered_model(UNIT).aliases.get("champion")
+    return None if number is None else str(number)
+
+
+def promotion_tags(client: MlflowClient, version: str) -> dict[str, str]:
+    tags = client.get_model_version(UNIT, version).tags
+    return {k: v for k, v in tags.items() if k.startswith("promotion.")}
+
+
+def test_a_candidate_evaluated_on_other_data_or_base_is_refused(champion_1: MlflowClient) -> None:
+    client = champion_1
+    other_data = add_version(client, 0.99, data=DATA_B)  # better, but on other data
+    with pytest.raises(PromotionError, match=f"evaluation_sha256: {DATA_B} vs {DATA_A}"):
+        promote(UNIT, LOOSE, version=other_data)
+    other_base = add_version(client, 0.99, base=BASE_B)
+    with pytest.raises(PromotionError, match=f"base_sha256: {BASE_B} vs {BASE_A}"):
+        promote(UNIT, LOOSE, version=other_base)
+    assert champion(client) == "1"
+    assert promotion_tags(client, other_data) == {} and promotion_tags(client, other_base) == {}
+
+    result = CliRunner().invoke(app, ["promote", UNIT, "--version", other_data,
+                                      "--max-quality-drop", "0.5"])
+    assert result.exit_code == 2, result.output
+    assert "not comparable" in result.output and champion(client) == "1"
+
+
+def test_among_candidates_only_comparable_ones_compete(champion_1: MlflowClient) -> None:
+    client = champion_1
+    other_data = add_version(client, 0.999, data=DATA_B)  # the best figure, not comparable
+    same_data = add_version(client, 0.97)
+    outcome = promote(UNIT, LOOSE)
+    assert outcome.promoted and outcome.champion == same_data and champion(client) == same_data
+    refused = {d.version: d.refused for d in outcome.decisions}
+    assert refused[same_data] is None and DATA_B in (refused[other_data] or "")
+    assert promotion_tags(client, other_data)["promotion.result"].startswith("refused: ")
+
+
+# Each registry read promotion makes; a failure in any of them must abort it.
+READS = ["get_registered_model", "get_model_version", "get_run", "search_model_versions"]
+
+
+@pytest.mark.parametrize("read", READS)
+def test_a_registry_error_while_reading_moves_no_alias_and_exits_2(
+    champion_1: MlflowClient, monkeypatch: pytest.MonkeyPatch, read: str
+) -> None:
+    client = champion_1
+    candidate = add_version(client, 0.97)  # would be promoted if the reads succeeded
+    original = getattr(MlflowClient, read)
+    calls: list[int] = []
+
+    def failing(self: MlflowClient, *args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        if read == "get_registered_model" and len(calls) == 1:
+            return original(self, *args, **kwargs)  # the existence check passes
+        raise MlflowException(f"injected {read} failure", error_code=TEMPORARILY_UNAVAILABLE)
+
+    monkeypatch.setattr(MlflowClient, read, failing)
+    # the champion read by alias, as the old code did: a failure must not mean "none"
+    monkeypatch.setattr(MlflowClient, "get_model_version_by_alias", failing)
+    result = CliRunner().invoke(app, ["promote", UNIT, "--max-quality-drop", "0.5"])
+    monkeypatch.undo()
+
+    assert result.exit_code == 2, result.output
+    assert "registry error while reading" in result.output and "no alias moved" in result.output
+    assert champion(client) == "1" and promotion_tags(client, candidate) == {}
+
+
+def test_a_failed_write_puts_the_champion_back(champion_1: MlflowClient,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    client = champion_1
+    candidate = add_version(client, 0.97)
+
+    def failing(self: MlflowClient, *args: Any, **kwargs: Any) -> None:
+        raise MlflowException("injected history write failure",
+                              error_code=TEMPORARILY_UNAVAILABLE)
+
+    monkeypatch.setattr(MlflowClient, "set_registered_model_tag", failing)
+    with pytest.raises(PromotionError, match=r"no alias moved \(champion is version 1\)"):
+        promote(UNIT, LOOSE, version=candidate)
+    monkeypatch.undo()
+    assert champion(client) == "1"
+    assert client.get_registered_model(UNIT).tags[HISTORY_TAG] == '["1"]'
+
+
+def test_a_champion_moved_meanwhile_is_not_overwritten(champion_1: MlflowClient,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    client = champion_1
+    candidate, rival = add_version(client, 0.97), add_version(client, 0.96)
+    original = MlflowClient.set_model_version_tag
+
+    def rival_promotes_first(self: MlflowClient, *args: Any, **kwargs: Any) -> None:
+        if champion(client) == "1":  # another promotion lands while this one records
+            client.set_registered_model_alias(UNIT, "champion", rival)
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(MlflowClient, "set_model_version_tag", rival_promotes_first)
+    with pytest.raises(PromotionError, match=f"moved to {rival} while"):
+        promote(UNIT, LOOSE, version=candidate)
+    assert champion(client) == rival
