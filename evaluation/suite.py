@@ -27,6 +27,7 @@ from squeezeflow.compression.config import StrictModel
 from squeezeflow.compression.data import tokenized_batches
 from squeezeflow.compression.models import LoadedModel, ModelKind, mean_pooled_embeddings
 from squeezeflow.evaluation import fidelity
+from squeezeflow.evaluation.bitstack_curve import curve_metrics, is_bitstack, size_quality_curve
 from squeezeflow.evaluation.latency import (
     Measured,
     decode_timer,
@@ -35,7 +36,7 @@ from squeezeflow.evaluation.latency import (
     timed,
 )
 from squeezeflow.evaluation.machine import machine_tags
-from squeezeflow.evaluation.memory import peak_memory_mb
+from squeezeflow.evaluation.memory import memory_metrics
 from squeezeflow.evaluation.perplexity import perplexity
 from squeezeflow.evaluation.size import parameter_counts, weights_bytes
 from squeezeflow.kernels import kernel_mix
@@ -113,6 +114,12 @@ def evaluate(
     if "quality" in settings.suites:
         tell("evaluating quality")
         metrics |= _quality(base, candidate, texts, settings)
+        if is_bitstack(candidate_dir):  # one artifact, every size: its quality at several budgets
+            tell("evaluating the BitStack size/quality curve")
+            metrics |= curve_metrics(size_quality_curve(
+                candidate_dir, texts, base_dir=base_dir, batch_size=settings.batch_size,
+                max_length=settings.max_length,
+            ))
     if "latency" in settings.suites:
         tell("measuring latency (base and candidate interleaved)")
         metrics |= _latency(base, candidate, texts, settings)
@@ -134,10 +141,10 @@ def evaluate(
         metrics["compression_ratio"] = metrics["base_weights_mb"] / metrics["weights_mb"]
     if "memory" in settings.suites:
         tell("measuring peak memory")
-        size = settings.latency.batch_size
-        metrics["base_peak_memory_mb"] = peak_memory_mb(base_dir, texts, size, settings.max_length)
-        metrics["peak_memory_mb"] = peak_memory_mb(candidate_dir, texts, size, settings.max_length)
-        metrics["memory_ratio"] = metrics["peak_memory_mb"] / max(metrics["base_peak_memory_mb"], 1e-9)
+        memory, memory_tags = memory_metrics(base_dir, candidate_dir, texts,
+                                             settings.latency.batch_size, settings.max_length)
+        metrics |= memory
+        tags |= memory_tags  # memory_method, or memory_skipped_reason where the OS has none
     return EvaluationReport(kind=candidate.kind, metrics=metrics, tags=tags)
 
 

@@ -34,6 +34,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 from pydantic import BaseModel, ConfigDict, field_validator
 
+from squeezeflow.evaluation.bitstack_curve import curve_from_metrics, curve_plot
 from squeezeflow.evaluation.report import (
     TradeoffPoint,
     comparison_markdown,
@@ -395,6 +396,10 @@ def _log_report(client: MlflowClient, run_id: str, record: RunRecord) -> None:
                               latency_ms=record.metrics.get("latency_p50_ms")),
             ]
             tradeoff_plots(points, label, Path(folder) / "plots")
+        curve = curve_from_metrics(record.metrics)  # a BitStack version: quality at every budget
+        if curve:
+            curve_plot(curve, Path(folder) / "plots" / "bitstack_curve.png",
+                       base_quality=record.metrics.get("base_perplexity"))
         for name, text in files.items():
             (Path(folder) / name).write_text(text)
         client.log_artifacts(run_id, folder)

@@ -27,7 +27,7 @@ RUNS = [
     ("int4", {"kind": "rtn", "bits": 4, "group_size": 32}),
     ("sparse", {"kind": "magnitude", "sparsity": 0.5}),
     ("int3", {"kind": "rtn", "bits": 3, "group_size": 32}),
-    ("lowrank", {"kind": "lowrank", "rank": 16}),
+    ("int4g64", {"kind": "rtn", "bits": 4, "group_size": 64}),
 ]
 
 
