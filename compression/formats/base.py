@@ -30,7 +30,7 @@ from typing import Any, ClassVar, Generic, TypeVar
 import torch
 from torch import Tensor, nn
 
-from squeezeflow.compression.quantization.qweight import Dequantizable, current_stored
+from squeezeflow.compression.quantization.qweight import Dequantizable, as_stored, current_stored
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +74,18 @@ class WeightFormat(ABC, Generic[StoredT]):
     def reference(self, stored: StoredT, dtype: torch.dtype = torch.float32) -> Tensor:
         """The dense weight (out, in) that `stored` encodes: plain torch, the ground truth."""
         return stored.dequantize(dtype)
+
+    def parameter_names(self, stored: StoredT) -> tuple[str, ...]:
+        """The module's parameters that `stored` stands for (saved packed, not dense).
+
+        A Linear's `weight`; a format for modules without one (stacked MoE experts:
+        `gate_up_proj`, `down_proj`) names its own and overrides `current` and `dense`.
+        """
+        return ("weight",)
+
+    def dense(self, module: nn.Module, stored: StoredT) -> dict[str, Tensor]:
+        """{parameter name: value} in the module's own layout: what a dense load assigns."""
+        return {"weight": as_stored(module, self.reference(stored))}
 
     @abstractmethod
     def spec(self, stored: StoredT) -> dict[str, Any]:
@@ -197,16 +209,25 @@ def stored_linears(model: nn.Module, formats: FormatRegistry = FORMATS) -> list[
     """
     found: list[StoredLinear] = []
     owner_of: dict[int, tuple[int, type[nn.Module]]] = {}  # id(weight) -> (index, owner type)
+    owner_weights: list[Tensor] = []  # held, so that a computed weight's id is never reused
     others: list[tuple[str, nn.Module, Tensor]] = []
     for name, module in model.named_modules():
         weight = getattr(module, "weight", None)
         if not isinstance(weight, Tensor):
+            # A module without a weight (stacked MoE experts) is stored by a format that
+            # names its own parameters (`parameter_names`); no other module shares them.
+            hit = formats.current(module) if formats.attached(module) else None
+            if hit is not None:
+                found.append(StoredLinear(format=hit[0], stored=hit[1], owner=name))
+            elif formats.attached(module):
+                log.warning("%s changed after quantization; it is kept dense", name)
             continue
         hit = None if id(weight) in owner_of else formats.current(module)
         if hit is None:
             others.append((name, module, weight))
             continue
         owner_of[id(weight)] = (len(found), type(module))
+        owner_weights.append(weight)
         found.append(StoredLinear(format=hit[0], stored=hit[1], owner=name))
     sharers: dict[int, list[str]] = {}
     for name, module, weight in others:

@@ -43,7 +43,7 @@ def _snippets(step_cls: type) -> list[str]:
     return re.findall(r"```yaml\n(.*?)```", doc, flags=re.S)
 
 
-MOE_KINDS = {"moe_merge"}  # steps that need a mixture-of-experts model
+MOE_KINDS = {"moe_merge", "qmoe"}  # steps that need a mixture-of-experts model
 
 
 @pytest.mark.parametrize("kind", CATALOG.kinds())
@@ -87,13 +87,15 @@ def test_step_contract(kind: str, tmp_path: Path) -> None:
         step.restructure(model)
         assert model(**batch).logits.shape[:2] == batch["input_ids"].shape
     else:
-        assert all(isinstance(m, nn.Linear) for m in modules.values())
-        before = {name: m.weight.detach().clone() for name, m in modules.items()}
+        # Linears; or a MoE layer's experts, stored as 3-D parameters without a `weight`
+        assert all(isinstance(m, nn.Linear) for m in modules.values()) or kind in MOE_KINDS
+        before = {name: [p.detach().clone() for p in m.parameters()] for name, m in modules.items()}
         with step.observe(modules):
             if step.needs is not Needs.NOTHING:
                 model(**batch)
         report = step.apply(modules)
-        changed = [n for n, m in modules.items() if not torch.equal(m.weight, before[n])]
+        changed = [n for n, m in modules.items()
+                   if any(not torch.equal(p, old) for p, old in zip(m.parameters(), before[n], strict=True))]
         if kind == "smoothquant":
             # it changes the Linears whose scales fold into a norm; the others keep a
             # runtime factor for the w8a8 step (a tiny Llama has both kinds)

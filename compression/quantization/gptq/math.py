@@ -17,7 +17,7 @@ starts) and static groups (grids found on the original W, before any update).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -84,11 +84,7 @@ def gptq_quantize(
     rows, columns = W.shape
     size = columns if group_size is None else min(group_size, columns)
     groups = -(-columns // size)
-
-    # Inputs that never fired carry no information: any value works, zero is cheapest.
-    dead = torch.diag(H) == 0  # (in,)
-    H[dead, dead] = 1.0
-    W[:, dead] = 0.0
+    drop_dead_inputs(W, H)
 
     scale = torch.empty(rows, groups)  # (out, groups)
     zero = torch.empty(rows, groups)  # (out, groups)
@@ -98,62 +94,109 @@ def gptq_quantize(
         for g in range(groups):
             scale[:, g], zero[:, g] = qparams(W[:, g * size : (g + 1) * size], bits, symmetric)
 
-    perm = torch.arange(columns)
-    if act_order:
-        perm = torch.argsort(torch.diag(H), descending=True)  # most active inputs first
-        W, H = W[:, perm], H[perm][:, perm]
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else None  # most active first
+    order = torch.arange(columns) if perm is None else perm  # processing position -> column
     # g_idx in processing order: static groups keep each column's original group
-    group_of = perm // size if upfront else torch.arange(columns) // size
+    group_of = order // size if upfront else torch.arange(columns) // size
+    scale_t, zero_t = scale.T.contiguous(), zero.T.contiguous()  # (groups, out)
+    groups_of = group_of.tolist()
+    maxq = float(2**bits - 1)
 
+    def round_column(column: int, W_ahead: Tensor, code: Tensor, value: Tensor) -> None:
+        if not upfront and column % size == 0:  # a group starts: its grid, from updated W
+            g = column // size
+            scale_t[g], zero_t[g] = qparams(W_ahead[:size].T, bits, symmetric)
+        s, z = scale_t[groups_of[column]], zero_t[groups_of[column]]  # (out,)
+        torch.div(W_ahead[0], s, out=code).round_().add_(z).clamp_(0.0, maxq)  # the code
+        torch.sub(code, z, out=value).mul_(s)  # q, the value on the grid
+
+    # Blocks never straddle a group, so a group's grid is found on fully updated columns.
+    block = block_size if upfront else size * max(1, block_size // size)
+    sweep = gptq_sweep(W, H, round_column, damp=damp, block_size=block, perm=perm)
+    inverse = torch.argsort(order)  # processing order -> original order
+    quantized = QuantizedWeight(
+        codes=sweep.codes.to(torch.uint8),
+        scale=scale_t.T.contiguous(),
+        zero=zero_t.T.contiguous().to(torch.uint8),
+        g_idx=group_of[inverse].to(torch.int64),
+        bits=bits,
+        group_size=size,
+        symmetric=symmetric,
+    )
+    return GPTQResult(quantized=quantized, row_losses=sweep.row_losses)
+
+
+def drop_dead_inputs(W: Tensor, H: Tensor) -> None:
+    """In place: inputs that never fired carry no information; any value works, zero is cheapest.
+
+    W: (out, in), H: (in, in). Their diagonal entry becomes 1 so that H stays invertible.
+    """
+    dead = torch.diag(H) == 0  # (in,)
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+
+
+# How a grid rounds one column for `gptq_sweep`: round_column(column, W_ahead, code, value)
+# rounds W_ahead[0], column `column` in processing order (already updated for the errors
+# of the columns before it), writing its code and q, its value on the grid, into `code`
+# and `value` (out,). W_ahead: (columns left in the lazy block, out), W transposed, so a
+# grid found on the columns ahead (a group starting) sees them updated.
+RoundColumn = Callable[[int, Tensor, Tensor, Tensor], None]
+
+
+@dataclass(frozen=True)
+class Sweep:
+    codes: Tensor  # (out, in) float32 codes from `round_column`, original column order
+    row_losses: Tensor  # (out,) sum over columns of (w - q)^2 / [H^-1]_qq / 2
+
+
+def gptq_sweep(
+    W: Tensor,
+    H: Tensor,
+    round_column: RoundColumn,
+    damp: float = 0.01,
+    block_size: int = 128,
+    perm: Tensor | None = None,
+) -> Sweep:
+    """GPTQ's column sweep (Alg. 1) for any grid: `round_column` rounds, the sweep compensates.
+
+    W: (out, in) and H: (in, in), float32, with dead inputs dropped (`drop_dead_inputs`);
+    neither is modified. `perm`: (in,) processing order of the columns (act order), None
+    for left to right. The integer grids of `gptq_quantize` and QMoE's ternary grid
+    (compression/moe/qmoe) both run on this one copy of the second-order machinery.
+    """
+    rows, columns = W.shape
+    if perm is not None:
+        W, H = W[:, perm], H[perm][:, perm]
+    else:
+        H = H.clone()  # damped below; the caller's H stays as it was
     lam = damp * torch.mean(torch.diag(H))  # keeps H positive definite on rank-deficient X
     H.diagonal().add_(lam)
     H_inv = _upper_cholesky_of_inverse(H)  # (in, in), upper triangular
 
-    # Blocks never straddle a group, so a group's grid is found on fully updated columns.
-    block = block_size if upfront else size * max(1, block_size // size)
     # Transposed (in, out) so that a column of W is a contiguous row: the per-column
     # steps below run on contiguous vectors, and a block of columns is a view.
     Wt = W.T.contiguous()  # (in, out), updated in place
-    scale_t, zero_t = scale.T.contiguous(), zero.T.contiguous()  # (groups, out)
     codes_t = torch.empty(columns, rows)  # (in, out) processing order, float codes
     errors_t = torch.empty(columns, rows)  # (in, out) scaled errors (w - q) / d
-    groups_of = group_of.tolist()
     inverse_d = (1.0 / torch.diagonal(H_inv)).tolist()
-    maxq = float(2**bits - 1)
-    for i1 in range(0, columns, block):
-        i2 = min(i1 + block, columns)
+    for i1 in range(0, columns, block_size):
+        i2 = min(i1 + block_size, columns)
         W1, C1, E1 = Wt[i1:i2], codes_t[i1:i2], errors_t[i1:i2]  # (B, out) views
         H_inv1 = H_inv[i1:i2, i1:i2]  # (B, B)
         with _single_thread():  # per-column ops are too small to gain from threads
             for i in range(i2 - i1):
                 column = i1 + i
-                if not upfront and column % size == 0:
-                    g = column // size
-                    scale_t[g], zero_t[g] = qparams(W1[i : i + size].T, bits, symmetric)
-                s, z = scale_t[groups_of[column]], zero_t[groups_of[column]]  # (out,)
-                w, c, e = W1[i], C1[i], E1[i]  # (out,) views
-                torch.div(w, s, out=c).round_().add_(z).clamp_(0.0, maxq)  # the code
-                torch.sub(c, z, out=e).mul_(s)  # q, the value on the grid
+                w, e = W1[i], E1[i]  # (out,) views
+                round_column(column, W1[i:], C1[i], e)  # e <- q, the value on the grid
                 torch.sub(w, e, out=e).mul_(inverse_d[column])  # (w - q) / d
                 # OBS update of the block's later columns (the paper's Alg. 1, inner loop)
                 W1[i + 1 :].addr_(H_inv1[i, i + 1 :], e, alpha=-1.0)
         Wt[i2:].addmm_(H_inv[i1:i2, i2:].T, E1, alpha=-1.0)  # lazy update of later columns
-    codes = codes_t.T.to(torch.uint8)  # (out, in) processing order
-    scale, zero = scale_t.T.contiguous(), zero_t.T.contiguous()
-    losses = errors_t.square().sum(dim=0) / 2  # (out,)
-
-    inverse = torch.argsort(perm)  # processing order -> original order
-    g_idx = group_of[inverse]  # (in,)
-    quantized = QuantizedWeight(
-        codes=codes[:, inverse].contiguous(),
-        scale=scale,
-        zero=zero.to(torch.uint8),
-        g_idx=g_idx.to(torch.int64),
-        bits=bits,
-        group_size=size,
-        symmetric=symmetric,
-    )
-    return GPTQResult(quantized=quantized, row_losses=losses)
+    codes = codes_t.T  # (out, in) processing order
+    if perm is not None:
+        codes = codes[:, torch.argsort(perm)]  # back to the original column order
+    return Sweep(codes=codes.contiguous(), row_losses=errors_t.square().sum(dim=0) / 2)
 
 
 @contextmanager
