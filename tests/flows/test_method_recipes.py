@@ -46,6 +46,12 @@ def _with_fixtures(raw: dict, model: Path, texts: dict[str, Path]) -> dict:
     raw["evaluation"]["data"]["num_samples"] = 16
     raw["evaluation"]["suites"] = ["quality", "size"]
     raw.pop("gates", None)  # the shipped gates are tuned for the recipe's own, larger model
+    for stage in raw["stages"]:
+        for step in stage["steps"]:  # a short run: the method's quality is the benchmarks' job
+            for field, cap in (("max_steps", 20), ("eval_every", 10), ("checkpoint_every", 10),
+                               ("importance_samples", 8)):
+                if field in step:
+                    step[field] = min(step[field], cap)
     return raw
 
 

@@ -55,6 +55,7 @@ from squeezeflow.compression.distillation.kd.trainer import (
     Schedule,
     model_config,
 )
+from squeezeflow.compression.formats import FORMATS
 from squeezeflow.compression.models import detect_kind, find_blocks
 from squeezeflow.compression.quantization.qweight import QUANTIZED_ATTR
 from squeezeflow.compression.step import Needs, Step, StepReport, TrainingContext
@@ -143,6 +144,14 @@ class DistillConfig(StepConfig):
 @register_step(DistillConfig)
 class DistillStep(Step[DistillConfig]):
     needs = Needs.TEACHER
+
+    def accepts(self, module: nn.Module) -> bool:
+        """For `train: linears`: Linears, and modules computing their weight from a stored
+        value they train themselves (RPS: the shared z and the layer's scale)."""
+        return isinstance(module, nn.Linear) or (
+            not isinstance(getattr(module, "weight", None), nn.Parameter)
+            and FORMATS.current(module) is not None
+        )
 
     def apply(self, modules: dict[str, nn.Module]) -> StepReport:
         raise NotImplementedError("distill trains the model: runners call train(), which needs a teacher")

@@ -16,7 +16,6 @@ import inspect
 import json
 import logging
 import math
-import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -28,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from squeezeflow.compression.distillation.kd import math as kd
+from squeezeflow.compression.integrity import atomic_write
 from squeezeflow.compression.models import find_blocks
 from squeezeflow.compression.step import hooks
 
@@ -90,6 +90,32 @@ class State:
         self.curves.setdefault(name, []).append((self.step, float(value)))
 
 
+class UpdateHooks:
+    """What a step adds to each update of the loop; the base class adds nothing.
+
+    A step whose weights are not plain Parameters (PV-Tuning's integer codes and
+    scales) owns their optimizer groups, turns the gradients of the model's weights
+    into gradients of those groups after `backward`, writes the model's weights back
+    after the optimizer's step, and saves and restores its state with the checkpoint.
+    """
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Optimizer groups ({"params": [...], "lr": ...}) besides the trained Parameters."""
+        return []
+
+    def after_backward(self) -> None:
+        """Called after `loss.backward()`, before gradient clipping and the optimizer."""
+
+    def after_step(self) -> None:
+        """Called after the optimizer's step (and the sparsity masks)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what `state_dict` returned (checkpoint resume, rollback, best weights)."""
+
+
 class Distiller:
     """Trains `student` (in place) to follow `teacher` on `batches`."""
 
@@ -107,6 +133,8 @@ class Distiller:
         causal_lm: bool,
         progress: Progress | None = None,
         keep_sparsity: bool = True,
+        update_hooks: UpdateHooks | None = None,
+        name: str = "distill",  # how log lines and progress messages name the step
     ) -> None:
         self.student, self.teacher = student, teacher
         self.objective, self.schedule = objective, schedule
@@ -114,17 +142,23 @@ class Distiller:
         self.folder, self.progress, self.causal_lm = folder, progress, causal_lm
         self.fingerprint = json.dumps(fingerprint, sort_keys=True)
         self.projections = self._projections()
-        self.parameters = trainable + list(self.projections.parameters())
+        self.hooks, self.name = update_hooks or UpdateHooks(), name
+        extra_groups = self.hooks.param_groups()
+        self.parameters = trainable + list(self.projections.parameters()) + [
+            p for group in extra_groups for p in group["params"]
+        ]
+        trained = {id(p) for p in trainable}
         # Pruned weights stay pruned: the zeros of each trained Linear weight are re-imposed
         # after every update (weights without zeros need no mask).
         self.masks = {
             id(m.weight): (m.weight, m.weight != 0)
             for m in student.modules()
-            if keep_sparsity and isinstance(m, nn.Linear) and m.weight.requires_grad
+            if keep_sparsity and isinstance(m, nn.Linear) and id(m.weight) in trained
             and bool((m.weight == 0).any())
         }
+        groups = [{"params": trainable + list(self.projections.parameters())}, *extra_groups]
         self.optimizer = torch.optim.AdamW(
-            self.parameters, lr=schedule.lr, weight_decay=schedule.weight_decay
+            [g for g in groups if g["params"]], lr=schedule.lr, weight_decay=schedule.weight_decay
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.state = State()
@@ -159,6 +193,7 @@ class Distiller:
                         break
                     self.optimizer.zero_grad(set_to_none=True)
                     loss.backward()
+                    self.hooks.after_backward()
                     clip = self.schedule.grad_clip or math.inf
                     grad_norm = torch.nn.utils.clip_grad_norm_(self.parameters, clip)
                     if not kd.is_finite(grad_norm):
@@ -169,6 +204,7 @@ class Distiller:
                     with torch.no_grad():
                         for weight, mask in self.masks.values():
                             weight.mul_(mask)
+                    self.hooks.after_step()
                     self.scheduler.step()
                     self.state.step += 1
                     self.state.tokens += int(batch["attention_mask"].sum())
@@ -200,6 +236,7 @@ class Distiller:
                 # the weights that validated best, not the last ones (early stopping)
                 saved = torch.load(self.folder / BEST, weights_only=True)
                 self.student.load_state_dict(saved["student"])
+                self.hooks.load_state_dict(saved["hooks"])
         return self.state
 
     def _budget_spent(self, seconds: float) -> bool:
@@ -288,7 +325,7 @@ class Distiller:
         if value < self.state.best_validation - self.schedule.min_delta:
             self.state.best_validation, self.state.best_step = value, self.state.step
             self.state.evaluations_without_improvement = 0
-            self._write({"student": self.student.state_dict()}, BEST)
+            self._write({"student": self.student.state_dict(), "hooks": self.hooks.state_dict()}, BEST)
         else:
             self.state.evaluations_without_improvement += 1
             if self.schedule.patience and (
@@ -303,8 +340,9 @@ class Distiller:
         self.nan_step = self.state.step + 1
         checkpoint = self.folder / CHECKPOINT
         self._load(checkpoint)
-        log.error("distill: %s is not finite at step %d; training stopped, the student is the "
-                  "last good checkpoint (step %d, %s)", what, self.nan_step, self.state.step, checkpoint)
+        log.error("%s: %s is not finite at step %d; training stopped, the student is the "
+                  "last good checkpoint (step %d, %s)", self.name, what, self.nan_step, self.state.step,
+                  checkpoint)
         self._tell(f"non-finite {what} at step {self.nan_step}; kept the checkpoint of step {self.state.step}")
 
     # ----- hidden states --------------------------------------------------------------
@@ -355,6 +393,7 @@ class Distiller:
             "fingerprint": self.fingerprint,
             "student": self.student.state_dict(),
             "projections": self.projections.state_dict(),
+            "hooks": self.hooks.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "state": {**self.state.__dict__, "curves": {k: [list(p) for p in v]
@@ -371,6 +410,7 @@ class Distiller:
             )
         self.student.load_state_dict(saved["student"])
         self.projections.load_state_dict(saved["projections"])
+        self.hooks.load_state_dict(saved["hooks"])
         self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
         state = dict(saved["state"])
@@ -381,9 +421,8 @@ class Distiller:
 
     def _write(self, payload: dict[str, Any], name: str) -> None:
         """Write whole or not at all: a temporary file renamed over the old one."""
-        partial = self.folder / f".{name}.partial"
-        torch.save(payload, partial)
-        os.replace(partial, self.folder / name)
+        with atomic_write(self.folder / name, "wb") as handle:  # a unique temporary name
+            torch.save(payload, handle)
 
     def _log_window(self, window: dict[str, list[float]]) -> None:
         for name, values in window.items():
@@ -394,9 +433,9 @@ class Distiller:
                    f"lr {self.scheduler.get_last_lr()[0]:.2e}, {self.state.tokens} tokens")
 
     def _tell(self, message: str) -> None:
-        log.info("distill: %s", message)
+        log.info("%s: %s", self.name, message)
         if self.progress is not None:
-            self.progress(f"distill {message}")
+            self.progress(f"{self.name} {message}")
 
 
 def model_config(model: nn.Module) -> Any:
