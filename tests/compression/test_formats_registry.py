@@ -34,6 +34,10 @@ from squeezeflow.compression.formats import (
     register_format,
     stored_linears,
 )
+from squeezeflow.compression.moe.qmoe.math import round_ternary
+from squeezeflow.compression.moe.qmoe.weight import TernaryWeight, row_levels
+from squeezeflow.compression.quantization.bitstack.math import decompose
+from squeezeflow.compression.quantization.bitstack.stored import BitStackWeight
 from squeezeflow.compression.quantization.codebook import quantize_to_codebook
 from squeezeflow.compression.quantization.float4.math import nf4_codebook
 from squeezeflow.compression.quantization.qweight import (
@@ -73,6 +77,20 @@ def _smoothed_w8a8() -> QuantizedWeight:
     return dataclasses.replace(quantized, activation_bits=8, input_scale=input_scale)
 
 
+def _bitstack() -> BitStackWeight:
+    """Three residual blocks of rank 2, placed at positions 0, 4, 9 of a model-wide order."""
+    parts = decompose(_gaussian(seed=5), niter=3, rank=2)
+    return BitStackWeight(signs=parts.signs, U=parts.U, V=parts.V, scale=torch.ones(COLUMNS),
+                          order=torch.tensor([0, 4, 9]), niter=3)
+
+
+def _ternary() -> TernaryWeight:
+    """Ternary codes on each row's {min, 0, max}, dictionary-coded."""
+    W = _gaussian(seed=6)
+    levels = row_levels(W)
+    return TernaryWeight.from_codes({"weight": round_ternary(W, levels.values())}, {"weight": levels})
+
+
 # Stored values each registered format must round-trip; a new format adds its own here.
 EXAMPLES: dict[str, list[Callable[[], Any]]] = {
     "quantized": [
@@ -81,12 +99,16 @@ EXAMPLES: dict[str, list[Callable[[], Any]]] = {
         _smoothed_w8a8,
     ],
     "codebook": [lambda: quantize_to_codebook(_gaussian(), nf4_codebook(), 32, "nf4")],
+    "bitstack": [_bitstack],
+    "qmoe": [_ternary],
 }
 
 # The step that makes each format on a tiny model, for the save/load round trip.
 STEPS: dict[str, dict[str, object]] = {
     "quantized": {"kind": "rtn", "bits": 4, "group_size": 32},
     "codebook": {"kind": "float4", "format": "nf4", "block_size": 32},
+    "bitstack": {"kind": "bitstack", "niter": 3, "rank": 1, "importance": "output_error"},
+    "qmoe": {"kind": "qmoe", "targets": ["*"]},
 }
 
 
@@ -116,7 +138,8 @@ def _relative_error(y: Tensor, reference: Tensor) -> float:
 
 
 def test_unknown_format_names_the_known_formats() -> None:
-    with pytest.raises(UnknownFormatError, match=r"unknown weight format 'nf5'; known formats: codebook, quantized"):
+    with pytest.raises(UnknownFormatError,
+                       match=rf"unknown weight format 'nf5'; known formats: {', '.join(FORMATS.names())}$"):
         FORMATS.get("nf5")
 
 
@@ -190,7 +213,12 @@ def test_missing_tensors_are_a_clear_error() -> None:
 
 
 def _quantize(model: nn.Module, step: dict[str, object]) -> None:
-    run_stage_steps(model, [CATALOG.build(CATALOG.parse(step))])
+    """Apply one step, with a little calibration data for the steps that observe inputs."""
+    generator = torch.Generator().manual_seed(11)
+    vocab = int(model.config.vocab_size)
+    batches = [{"input_ids": torch.randint(0, vocab, (4, 16), generator=generator),
+                "attention_mask": torch.ones(4, 16, dtype=torch.long)} for _ in range(2)]
+    run_stage_steps(model, [CATALOG.build(CATALOG.parse(step))], batches)
 
 
 def _logits(model: nn.Module, tokenizer: Any) -> Tensor:
@@ -228,8 +256,8 @@ def test_unknown_format_key_in_the_description_is_a_clear_error(tmp_path: Path) 
     description["ternary"] = {"model.layers.0.mlp.up_proj": {"bits": 2}}
     (folder / FORMAT_FILE).write_text(json.dumps(description))
     with pytest.raises(UnknownFormatError,
-                       match=r"unknown weight format 'ternary' .*known formats: codebook, quantized"):
-        load_compressed(folder)
+                       match=rf"unknown weight format 'ternary' .*known formats: {', '.join(FORMATS.names())}"):
+        load_compressed(folder, verify=False)  # edited after saving: the manifest would refuse it first
 
 
 @dataclass(frozen=True)
