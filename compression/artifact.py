@@ -6,7 +6,10 @@ Layout of a saved folder:
   registered weight format still describes, that format's packed tensors
   `NAME.<suffix>` instead of `NAME.weight` (`compression/formats/`: `quantized`, the
   integer grid, stores `qweight`/`scales`/`qzeros` [+ `g_idx`, `input_scale`];
-  `codebook`, NF4/FP4, stores `qweight`/`scales`/`codebook`);
+  `codebook`, NF4/FP4, stores `qweight`/`scales`/`codebook`; `rps` stores the shared
+  `z` once and each layer's `scale`; `qmoe`, QMoE's coded ternary weights, stores
+  `codewords`/`offsets`/`levels`/`level_scales`/`pair_costs`, also for stacked MoE
+  experts, instead of the parameters it names: `gate_up_proj`, `down_proj`);
 - `squeezeflow.json`: the format version, the model kind, under each weight format's
   name {Linear name: its spec} (e.g. bits, shape, group size); `tied`: tensors stored
   once and shared (loading makes the modules share one Parameter again; Linears
@@ -14,6 +17,8 @@ Layout of a saved folder:
   its packed buffers where their biases differ);
   `factorized`: Linears replaced by two thin ones (`FactorizedLinear`) and their
   rank, rebuilt before the weights load.
+- `manifest.sha256.json`: {file: sha256} of every other file (`compression/integrity.py`);
+  loading verifies it and refuses a folder whose files changed since.
 A folder without `squeezeflow.json` is a plain HF model and loads as one.
 """
 
@@ -33,6 +38,8 @@ from torch import nn
 from transformers import AutoConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from squeezeflow.compression.formats import FORMATS, Take, UnknownFormatError, stored_linears
+from squeezeflow.compression.formats.bitstack import fit_memory_budget
+from squeezeflow.compression.integrity import has_manifest, verify_folder, write_manifest
 from squeezeflow.compression.lowrank.factorized import FactorizedLinear, factorize_modules
 from squeezeflow.compression.models import (
     LoadedModel,
@@ -42,7 +49,6 @@ from squeezeflow.compression.models import (
     model_class,
 )
 from squeezeflow.compression.packed import install_runtime
-from squeezeflow.compression.quantization.qweight import as_stored
 from squeezeflow.compression.tensorfile import TensorFile
 
 log = logging.getLogger(__name__)
@@ -54,8 +60,10 @@ FORMAT_VERSION = 1
 DESCRIPTION_KEYS = ("format", "version", "kind", "tied", "factorized", "metadata")
 
 # "dense": stored-format Linears hold dequantized fp32 weights (what compression steps
-# work on); "packed": they are their format's runtime modules, e.g. QuantLinear calling
-# packed int kernels (what a user runs; see compression/packed.py).
+# work on), except formats whose runtime module is what later stages train (`rps`:
+# RPSLinear, W computed from the shared z); "packed": they are their format's runtime
+# modules, e.g. QuantLinear calling packed int kernels (what a user runs; see
+# compression/packed.py).
 Runtime = Literal["dense", "packed"]
 
 
@@ -78,11 +86,20 @@ def save_compressed(
     specs: dict[str, dict[str, dict[str, Any]]] = {f.name: {} for f in FORMATS}
     tied: dict[str, str] = {}
     stored_weights: set[str] = set()  # state-dict names a format stores instead
+    written: dict[tuple[Any, ...], str] = {}  # storage of each packed tensor written -> its name
     for linear in stored_linears(model):
         weight_format = linear.format
-        _add(tensors, weight_format.tensors(linear.owner, linear.stored))
+        packed = weight_format.tensors(linear.owner, linear.stored)
+        for key, tensor in packed.items():
+            first = written.setdefault(_storage(tensor), key) if tensor.numel() else key
+            if first != key:  # held by several layers' stored values (RPS's z): written once
+                tied[key] = first
+            else:
+                _add(tensors, {key: tensor})
         specs[weight_format.name][linear.owner] = weight_format.spec(linear.stored)
-        stored_weights.add(f"{linear.owner}.weight")
+        # the parameters the format stores instead (a Linear's weight; stacked experts' own)
+        stored_weights.update(f"{linear.owner}.{p}" for p in weight_format.parameter_names(linear.stored))
+        stored_weights.update(packed)  # a runtime module's own tensors (RPS: z, scale)
         for sharer in linear.sharers:  # a shared quantized weight is stored once, packed
             tied[f"{sharer}.weight"] = f"{linear.owner}.weight"
             stored_weights.add(f"{sharer}.weight")
@@ -112,11 +129,21 @@ def save_compressed(
         "metadata": metadata or {},
     }
     (path / FORMAT_FILE).write_text(json.dumps(description, indent=2, sort_keys=True))
+    write_manifest(path)  # last: it hashes every file written above
     return path
 
 
-def load_compressed(path: str | Path, runtime: Runtime = "dense") -> LoadedModel:
+def load_compressed(
+    path: str | Path, runtime: Runtime = "dense", *, verify: bool = True,
+    memory_budget_mb: float | None = None,
+) -> LoadedModel:
     """Load a folder written by `save_compressed` (or a plain HF model folder).
+
+    `memory_budget_mb` (BitStack models): read only the residual blocks that fit in this
+    many MiB of stored tensors, in the stored importance order (`formats/bitstack.py`).
+
+    A folder with a manifest (every folder `save_compressed` writes) is checked file by
+    file first (`verify=False` skips it where the caller just checked the folder).
 
     `runtime="packed"` builds each stored-format Linear's runtime module straight from
     the file (e.g. a packed QuantLinear); the default keeps them dense, with the stored
@@ -125,6 +152,8 @@ def load_compressed(path: str | Path, runtime: Runtime = "dense") -> LoadedModel
     path = Path(path)
     if runtime not in ("dense", "packed"):
         raise ValueError(f"runtime must be 'dense' or 'packed', got {runtime!r}")
+    if verify and has_manifest(path):
+        verify_folder(path)  # IntegrityError naming the file that changed since it was saved
     if not (path / FORMAT_FILE).exists():
         return load_pretrained(path)
     description = json.loads((path / FORMAT_FILE).read_text())
@@ -134,6 +163,9 @@ def load_compressed(path: str | Path, runtime: Runtime = "dense") -> LoadedModel
             f"supported (this squeezeflow reads version {FORMAT_VERSION})"
         )
     specs = _format_specs(description, path / FORMAT_FILE)
+    not_read: frozenset[str] = frozenset()  # tensors a memory budget leaves on disk
+    if memory_budget_mb is not None:
+        specs, not_read = fit_memory_budget(specs, path / WEIGHTS_FILE, memory_budget_mb)
     kind: ModelKind = description["kind"]
     config = AutoConfig.from_pretrained(path)
     with _no_weight_init():  # every weight comes from the file; random init is wasted work
@@ -144,6 +176,12 @@ def load_compressed(path: str | Path, runtime: Runtime = "dense") -> LoadedModel
     stored_layers = {name for layers in specs.values() for name in layers}
     sharers = _weight_sharers(tied, stored_layers)
     runtime_layers = stored_layers | {name for group in sharers.values() for name in group}
+    # Formats whose layers get their runtime module here: all of them for the packed
+    # runtime; for the dense one those whose runtime module is what later stages train.
+    installing = {f for f in specs if runtime == "packed" or _dense_is_runtime(FORMATS.get(f))}
+    installed = {name for f in installing for name in specs[f]}
+    installed |= {name for owner in installed for name in sharers.get(owner, [])}
+    tied_sources = set(tied.values())
     absent = sorted(runtime_layers - set(modules))
     if absent:
         raise ValueError(f"{path}: stored layer {absent[0]} is not in the model's config")
@@ -156,7 +194,7 @@ def load_compressed(path: str | Path, runtime: Runtime = "dense") -> LoadedModel
     # embedding rows of the tokens it sees) become resident, as with from_pretrained.
     with TensorFile(path / WEIGHTS_FILE) as stored, \
             safe_open(str(path / WEIGHTS_FILE), framework="pt") as mapped:
-        names = set(stored.keys())
+        names = set(stored.keys()) - not_read
 
         def assign(name: str, value: torch.Tensor) -> None:
             if name not in params:
@@ -170,20 +208,29 @@ def load_compressed(path: str | Path, runtime: Runtime = "dense") -> LoadedModel
             target.data = value.to(target.dtype).contiguous()  # Conv1D weights come transposed
             loaded.add(name)
 
+        shared_reads: dict[str, torch.Tensor] = {}  # packed tensors several layers hold
+
         def taker(layer: str) -> Take:
             def take(suffix: str) -> torch.Tensor | None:
                 key = f"{layer}.{suffix}"
-                if key not in names:
+                source = tied.get(key, key)  # a packed tensor stored once for several layers
+                if source != key:
+                    loaded.add(key)
+                if source in shared_reads:
+                    return shared_reads[source]  # the very same tensor for every holder
+                if source not in names:
                     return None
-                names.discard(key)
-                tensor: torch.Tensor = stored.get_tensor(key)
+                names.discard(source)
+                tensor: torch.Tensor = stored.get_tensor(source)
+                if source in tied_sources:
+                    shared_reads[source] = tensor
                 return tensor
             return take
 
-        if runtime == "packed":
+        if installed:
             # A runtime module copies its bias when built: those biases (and what they
             # are tied to) are loaded first.
-            for module_name in sorted(runtime_layers):
+            for module_name in sorted(installed):
                 key = f"{module_name}.bias"
                 if key not in params:
                     continue
@@ -200,18 +247,21 @@ def load_compressed(path: str | Path, runtime: Runtime = "dense") -> LoadedModel
             for name, spec in layers.items():
                 value = weight_format.read(name, spec, taker(name))
                 group = sharers.get(name, [])
-                if runtime == "packed":
+                if format_name in installing:
                     # Built straight from the file: the dense weight from_config allocated
                     # is never written, so it never becomes resident memory.
                     install_runtime(model, weight_format, value, name, group)
                     for module_name in (name, *group):
-                        loaded.add(f"{module_name}.weight")
-                        params.pop(f"{module_name}.weight", None)
+                        for parameter in weight_format.parameter_names(value):
+                            loaded.add(f"{module_name}.{parameter}")
+                            params.pop(f"{module_name}.{parameter}", None)
                     continue
                 module = modules[name]
-                assign(f"{name}.weight", as_stored(module, weight_format.reference(value)))
+                for parameter, dense in weight_format.dense(module, value).items():
+                    assign(f"{name}.{parameter}", dense)  # a Linear's weight: as_stored layout
                 for module_name in (name, *group):  # the sharers' weights are tied below
                     weight_format.attach(modules[module_name], value)
+        _one_parameter_per_storage([model.get_submodule(name) for name in sorted(installed)])
         for name in sorted(names):
             assign(name, mapped.get_tensor(name))
     for name, source in tied.items():
@@ -246,6 +296,32 @@ def _weight_sharers(tied: dict[str, str], owners: set[str]) -> dict[str, list[st
         if attribute == source_attribute == "weight" and owner in owners:
             sharers.setdefault(owner, []).append(module_name)
     return sharers
+
+
+def _dense_is_runtime(weight_format: Any) -> bool:
+    """Whether a format's dense load builds its runtime module too (RPS: the module that
+    computes W from the shared z is also what a later `distill` stage trains)."""
+    return bool(getattr(weight_format, "dense_is_runtime", False))
+
+
+def _storage(tensor: torch.Tensor) -> tuple[Any, ...]:
+    """What identifies a tensor's memory: two tensors with this key hold the same numbers."""
+    return (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
+            tensor.stride(), tensor.dtype, tensor.device)
+
+
+def _one_parameter_per_storage(modules: list[nn.Module]) -> None:
+    """Parameters of `modules` on one storage become one Parameter (RPS's z, read once and
+    handed to every layer): the optimizer then sees, and updates, it once."""
+    first: dict[tuple[Any, ...], nn.Parameter] = {}
+    for module in modules:
+        for submodule in module.modules():
+            for attribute, parameter in list(submodule._parameters.items()):
+                if parameter is None or parameter.numel() == 0:
+                    continue
+                kept = first.setdefault(_storage(parameter), parameter)
+                if kept is not parameter:
+                    setattr(submodule, attribute, kept)
 
 
 def _add(tensors: dict[str, torch.Tensor], new: dict[str, torch.Tensor]) -> None:

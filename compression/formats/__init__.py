@@ -14,10 +14,13 @@ from squeezeflow.compression.formats.base import (
     register_format,
     stored_linears,
 )
+from squeezeflow.compression.formats.bitstack import BitStackFormat
 from squeezeflow.compression.formats.codebook import CodebookFormat
 from squeezeflow.compression.formats.integer import IntegerFormat
+from squeezeflow.compression.formats.rps import RPSFormat
+from squeezeflow.compression.formats.ternary import TernaryFormat
 
 __all__ = [
-    "FORMATS", "CodebookFormat", "FormatRegistry", "IntegerFormat", "StoredLinear", "Take",
-    "UnknownFormatError", "WeightFormat", "register_format", "stored_linears",
+    "FORMATS", "CodebookFormat", "FormatRegistry", "IntegerFormat", "RPSFormat", "StoredLinear", "Take",
+    "TernaryFormat", "UnknownFormatError", "WeightFormat", "register_format", "stored_linears",
 ]
