@@ -21,6 +21,6 @@ from squeezeflow.compression.formats.rps import RPSFormat
 from squeezeflow.compression.formats.ternary import TernaryFormat
 
 __all__ = [
-    "FORMATS", "CodebookFormat", "FormatRegistry", "IntegerFormat", "RPSFormat", "StoredLinear", "Take",
+    "FORMATS", "BitStackFormat", "CodebookFormat", "FormatRegistry", "IntegerFormat", "RPSFormat", "StoredLinear", "Take",
     "TernaryFormat", "UnknownFormatError", "WeightFormat", "register_format", "stored_linears",
 ]
