@@ -48,6 +48,7 @@ from squeezeflow.compression.quantization.qweight import (
 from squeezeflow.compression.quantization.rtn.math import quantize_rtn
 from squeezeflow.compression.runners import run_stage_steps
 from squeezeflow.compression.sharing.blocks.math import linear_names, tie_linears
+from squeezeflow.compression.sharing.rps.linear import RPSWeight
 from squeezeflow.kernels import QuantLinear
 from squeezeflow.testing import tiny_bert, tiny_llama
 
@@ -101,6 +102,10 @@ EXAMPLES: dict[str, list[Callable[[], Any]]] = {
     "codebook": [lambda: quantize_to_codebook(_gaussian(), nf4_codebook(), 32, "nf4")],
     "bitstack": [_bitstack],
     "qmoe": [_ternary],
+    # one layer's view of a shared array z: its slots and signs regenerated from the seed
+    "rps": [lambda: RPSWeight(z=torch.randn(1024, generator=torch.Generator().manual_seed(5)),
+                              scale=torch.tensor([0.5]), shape=(ROWS, COLUMNS), offset=700, seed=4,
+                              chunk_size=32)],
 }
 
 # The step that makes each format on a tiny model, for the save/load round trip.
@@ -109,6 +114,7 @@ STEPS: dict[str, dict[str, object]] = {
     "codebook": {"kind": "float4", "format": "nf4", "block_size": 32},
     "bitstack": {"kind": "bitstack", "niter": 3, "rank": 1, "importance": "output_error"},
     "qmoe": {"kind": "qmoe", "targets": ["*"]},
+    "rps": {"kind": "rps", "ratio": 0.5},
 }
 
 
