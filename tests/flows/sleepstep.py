@@ -1,4 +1,5 @@
-"""A test-only step that marks a file and sleeps, so a test can kill a run inside a stage."""
+"""A test-only step that marks a file and sleeps, so a test can kill a run inside a stage;
+then it halves the selected weights (a stage that changes nothing is refused)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import time
 from pathlib import Path
 from typing import Literal
 
+import torch
 from torch import nn
 
 from squeezeflow.compression.catalog import CATALOG
@@ -26,6 +28,9 @@ class SleepStep(Step[SleepConfig]):
         if self.config.marker:
             Path(self.config.marker).write_text("inside the stage\n")
         time.sleep(self.config.seconds)
+        with torch.no_grad():
+            for module in modules.values():
+                module.weight.mul_(0.5)
         return StepReport(kind="test-sleep", per_module={n: {"slept": 1.0} for n in modules})
 
 
