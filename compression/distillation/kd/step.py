@@ -160,12 +160,7 @@ class DistillStep(Step[DistillConfig]):
         self, model: nn.Module, context: TrainingContext, progress: Callable[[str], None] | None = None
     ) -> StepReport:
         c = self.config
-        if context.teacher is None:
-            raise ValueError("distill needs a teacher model folder, and none was given")
-        if not context.batches:
-            raise ValueError("distill needs training data, and none was given")
-        teacher = load_compressed(context.teacher).model
-        teacher.requires_grad_(False)
+        teacher = load_teacher(context, "distill")
         kind = detect_kind(model_config(model))
         losses = c.losses or DEFAULT_LOSSES[kind]
         layer_map = check_pair(teacher, model, losses, c.layer_map, c.project, str(context.teacher))
@@ -254,6 +249,17 @@ def describe(model: nn.Module, role: str, name: str = "") -> str:
     where = f" {name}" if name else ""
     return (f"{role}{where} ({config.model_type}, {len(blocks)} blocks, hidden "
             f"{config.hidden_size}, vocabulary {config.vocab_size})")
+
+
+def load_teacher(context: TrainingContext, kind: str) -> nn.Module:
+    """The frozen teacher of a training step, after checking it has a teacher and data."""
+    if context.teacher is None:
+        raise ValueError(f"{kind} needs a teacher model folder, and none was given")
+    if not context.batches:
+        raise ValueError(f"{kind} needs training data, and none was given")
+    teacher = load_compressed(context.teacher).model
+    teacher.requires_grad_(False)
+    return teacher
 
 
 def check_pair(

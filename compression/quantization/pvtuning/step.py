@@ -50,10 +50,14 @@ import torch
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
-from squeezeflow.compression.artifact import load_compressed
 from squeezeflow.compression.catalog import register_step
 from squeezeflow.compression.config import StepConfig
-from squeezeflow.compression.distillation.kd.step import NORM_TYPES, Losses, check_pair
+from squeezeflow.compression.distillation.kd.step import (
+    NORM_TYPES,
+    Losses,
+    check_pair,
+    load_teacher,
+)
 from squeezeflow.compression.distillation.kd.trainer import (
     Distiller,
     Objective,
@@ -246,12 +250,7 @@ class PVTuneStep(Step[PVTuneConfig]):
         self, model: nn.Module, context: TrainingContext, progress: Callable[[str], None] | None = None
     ) -> StepReport:
         c = self.config
-        if context.teacher is None:
-            raise ValueError("pv_tune needs a teacher model folder, and none was given")
-        if not context.batches:
-            raise ValueError("pv_tune needs training data, and none was given")
-        teacher = load_compressed(context.teacher).model
-        teacher.requires_grad_(False)
+        teacher = load_teacher(context, "pv_tune")
         if detect_kind(model_config(model)) != "causal-lm":
             raise ValueError("pv_tune distills next-token distributions; it needs a causal LM")
         check_pair(teacher, model, LOSSES, {}, False, str(context.teacher))
