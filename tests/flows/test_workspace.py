@@ -45,6 +45,16 @@ def _run_first_stage(recipe: Recipe, use_cache: bool = True):  # type: ignore[no
                         use_cache=use_cache)
 
 
+def _kill_when_ready(process: subprocess.Popen[bytes], ready: Path) -> None:
+    """SIGKILL `process` (its whole session) once it has created `ready`."""
+    deadline = time.monotonic() + 120
+    while not ready.exists():
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=30)
+
+
 def _flip_byte(path: Path) -> None:
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0x01
@@ -112,12 +122,7 @@ def test_sigkill_during_data_materialization_then_the_next_run_succeeds(
     )
     process = subprocess.Popen([sys.executable, "-c", script, str(text_files["calibration"])],
                                cwd=workdir, start_new_session=True)
-    deadline = time.monotonic() + 120
-    while not ready.exists():
-        assert process.poll() is None and time.monotonic() < deadline
-        time.sleep(0.05)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait(timeout=30)
+    _kill_when_ready(process, ready)
     data = workdir / ".squeezeflow" / "data"
     assert [p.name.startswith(PARTIAL) for p in data.iterdir()] == [True]  # only the leftover
 
@@ -150,12 +155,7 @@ def test_sigkill_during_an_export_then_the_next_export_succeeds(workdir: Path, t
     )
     process = subprocess.Popen([sys.executable, "-c", script, str(stage), str(target)],
                                cwd=workdir, start_new_session=True)
-    deadline = time.monotonic() + 120
-    while not ready.exists():
-        assert process.poll() is None and time.monotonic() < deadline
-        time.sleep(0.05)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait(timeout=30)
+    _kill_when_ready(process, ready)
     assert not target.exists()  # no half export under the real name
 
     from squeezeflow.compression.artifact import load_compressed
