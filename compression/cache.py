@@ -116,7 +116,11 @@ def _remove(root: Path, entry: CacheEntry) -> bool:
 
 
 def _lock_path(root: Path, kind: str, path: Path) -> Path:
-    """The lock a writer of `path` holds (stages and their training share the key)."""
+    """The lock a writer of `path` holds (stages and their training share the key).
+
+    Data files take no lock (written atomically, never changed after): theirs never
+    exists, so they are never in use and `_remove` takes it uncontended.
+    """
     if kind in ("checkpoints", "training"):
         return root / "locks" / f"{path.name}.lock"
     if kind == "bases":
