@@ -1,14 +1,16 @@
 """The step catalog: maps a config `kind` to its config class and step class.
 
-Steps register with `@register_step(Config)`. Built-in steps are imported
-explicitly in `compression/steps.py`; third-party packages add steps through the
-`squeezeflow.steps` entry-point group. Unknown or duplicate kinds are errors.
+Steps register with `@register_step(Config)`. Built-in steps are listed explicitly in
+`compression/steps.py`: each one's config class (pydantic only, no torch) and the
+module of its step, which is imported the first time the step class is needed. So a
+recipe is parsed and checked (`squeeze validate`) without importing torch or any
+step's dependencies. Third-party packages add steps through the `squeezeflow.steps`
+entry-point group. Unknown or duplicate kinds are errors.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from importlib import import_module
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any, TypeVar, get_args
@@ -23,17 +25,35 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "squeezeflow.steps"
+DECLARED_BY_CONFIG = ("needs", "changes_structure")  # step facts a recipe check reads
 
 
 class UnknownStepError(ValueError):
     """A recipe names a step kind that is not in the catalog."""
 
 
-@dataclass(frozen=True)
 class CatalogEntry:
-    kind: str
-    config_cls: type[StepConfig]
-    step_cls: type[Step[Any]]
+    """One kind: its config class now, its step class when first asked for.
+
+    `step_module` names the module whose `@register_step` registers the step class
+    (built-in steps); an entry added with its step class has none.
+    """
+
+    def __init__(self, kind: str, config_cls: type[StepConfig],
+                 step_cls: type[Step[Any]] | None = None, step_module: str | None = None) -> None:
+        self.kind = kind
+        self.config_cls = config_cls
+        self._step_cls = step_cls
+        self.step_module = step_module
+
+    @property
+    def step_cls(self) -> type[Step[Any]]:
+        if self._step_cls is None:
+            assert self.step_module is not None  # an entry has a step class or a module
+            import_module(self.step_module)  # its @register_step fills in the class
+            if self._step_cls is None:
+                raise TypeError(f"{self.step_module} does not register a step for {self.config_cls.__name__}")
+        return self._step_cls
 
 
 class Catalog:
@@ -43,12 +63,28 @@ class Catalog:
         self._entries: dict[str, CatalogEntry] = {}
         self._builtins_loaded = False
 
+    def declare(self, config_cls: type[StepConfig], step_module: str) -> None:
+        """Name a step by its config class and the module that registers its step class."""
+        kind = _kind_of(config_cls)
+        existing = self._entries.get(kind)
+        if existing is not None and existing.config_cls is not config_cls:
+            raise ValueError(f"step kind {kind!r} is already registered by "
+                             f"{existing.config_cls.__qualname__}")
+        if existing is None:
+            self._entries[kind] = CatalogEntry(kind, config_cls, step_module=step_module)
+
     def add(self, config_cls: type[StepConfig], step_cls: type[Step[Any]]) -> None:
         kind = _kind_of(config_cls)
-        if kind in self._entries:
-            existing = self._entries[kind].step_cls.__qualname__
-            raise ValueError(f"step kind {kind!r} is already registered by {existing}")
-        self._entries[kind] = CatalogEntry(kind, config_cls, step_cls)
+        existing = self._entries.get(kind)
+        declared = existing is not None and existing._step_cls is None and existing.config_cls is config_cls
+        if existing is not None and not declared:
+            holder = existing._step_cls or existing.config_cls
+            raise ValueError(f"step kind {kind!r} is already registered by {holder.__qualname__}")
+        _take_declarations(config_cls, step_cls)
+        if existing is not None and declared:
+            existing._step_cls = step_cls
+        else:
+            self._entries[kind] = CatalogEntry(kind, config_cls, step_cls)
 
     def remove(self, kind: str) -> None:
         """Unregister `kind` (plugins reloading, tests registering a temporary step)."""
@@ -83,11 +119,14 @@ class Catalog:
         if self._builtins_loaded:
             return
         self._builtins_loaded = True
-        import_module("squeezeflow.compression.steps")
+        from squeezeflow.compression.steps import BUILTIN_STEPS
+
+        for config_cls, step_module in BUILTIN_STEPS:
+            self.declare(config_cls, step_module)
         for point in entry_points(group=ENTRY_POINT_GROUP):
             try:
                 point.load()
-            except (ImportError, AttributeError) as error:
+            except (ImportError, AttributeError, TypeError, ValueError) as error:
                 # A broken plugin must not hide the built-in steps, but it must be visible.
                 log.error("could not load step plugin %s: %s", point.value, error)
 
@@ -108,6 +147,19 @@ def register_step(config_cls: type[StepConfig]):  # type: ignore[no-untyped-def]
     return decorate
 
 
+def _take_declarations(config_cls: type[StepConfig], step_cls: type[Step[Any]]) -> None:
+    """The step class gets `needs` and `changes_structure` from its config class, where
+    they are declared so that a recipe is checked without importing the step. A step
+    class that declares them itself (written before configs did) must agree."""
+    for name in DECLARED_BY_CONFIG:
+        declared = getattr(config_cls, name)
+        own = step_cls.__dict__.get(name, declared)
+        if own != declared:
+            raise TypeError(f"{step_cls.__qualname__}.{name} = {own!r} but {config_cls.__name__}."
+                            f"{name} = {declared!r}; declare it on the config class")
+        setattr(step_cls, name, declared)
+
+
 def _kind_of(config_cls: type[StepConfig]) -> str:
     annotation = config_cls.model_fields["kind"].annotation
     args = get_args(annotation)
@@ -117,4 +169,4 @@ def _kind_of(config_cls: type[StepConfig]) -> str:
     return kind
 
 
-__all__ = ["CATALOG", "Catalog", "UnknownStepError", "ValidationError", "register_step"]
+__all__ = ["CATALOG", "Catalog", "CatalogEntry", "UnknownStepError", "ValidationError", "register_step"]

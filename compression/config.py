@@ -6,12 +6,26 @@ naming the key and the valid ones, so a YAML typo fails before any weights load.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar
+import enum
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
+
+
+class Needs(enum.Enum):
+    """What a step requires from the runner, in increasing order of cost."""
+
+    NOTHING = "nothing"  # weights only (RTN, magnitude pruning)
+    CALIBRATION = "calibration"  # one forward pass over calibration data, all observers at once
+    LAYERWISE = "layerwise"  # block-by-block: block k sees outputs of compressed blocks < k
+    TRAINING = "training"  # gradient steps on training data
+    TEACHER = "teacher"  # training against a teacher model
+
+
+Precision = Literal["fp32", "bf16"]  # of the matmuls in calibration forward passes
 
 
 class StrictModel(BaseModel):
@@ -45,6 +59,13 @@ class StepConfig(StrictModel):
 
     # Set by subclasses for the catalog's error messages; not a field.
     summary: ClassVar[str] = ""
+    # What the step needs from the runner and whether it removes, shrinks, replaces or
+    # ties modules (depth, heads, low-rank: such a step runs alone in its stage, so no
+    # other step holds modules that disappear). Declared here, not on the step class,
+    # so that a recipe is checked without importing the step (torch); the catalog
+    # copies them onto the step class.
+    needs: ClassVar[Needs] = Needs.NOTHING
+    changes_structure: ClassVar[bool] = False
 
     def check_model(self, config: PretrainedConfig) -> PretrainedConfig:
         """Check this step against the model's config.json (no weights are loaded).

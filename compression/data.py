@@ -16,9 +16,10 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from squeezeflow.compression.sources import BUILDERS  # noqa: F401 (re-exported)
+
 log = logging.getLogger(__name__)
 
-BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
 def load_texts(

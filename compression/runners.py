@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from squeezeflow.compression.models import find_blocks
+from squeezeflow.compression.progress import advance
 from squeezeflow.compression.step import (
     Needs,
     Step,
@@ -99,6 +100,7 @@ def run_basic(
             with calibration_tokens(batch.get("attention_mask")):
                 model(**batch, **_no_cache(model))
             _tell(progress, f"calibration batch {index + 1}/{len(calibration)}")
+            advance("calibration batches", index + 1, len(calibration))
     reports = []
     for step, modules in zip(steps, selected, strict=True):
         _tell(progress, f"applying {step.config.kind} to {len(modules)} modules")
@@ -135,6 +137,7 @@ def run_layerwise(
             inputs = [((_hidden(block(*args, **kwargs)), *args[1:]), kwargs)
                       for args, kwargs in inputs]
         _tell(progress, f"block {index + 1}/{len(blocks)} done")
+        advance("calibration blocks", index + 1, len(blocks))
     outside = _modules_outside(model, prefix, steps)
     if outside:
         log.warning("layer-wise steps skipped modules outside the blocks: %s", ", ".join(outside))

@@ -8,29 +8,18 @@ Runners (`compression/runners.py`) drive steps; steps never run the model.
 
 from __future__ import annotations
 
-import enum
 import fnmatch
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Generic, Literal, TypeVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 from pydantic import BaseModel, Field
 from torch import Tensor, nn
 
-from squeezeflow.compression.config import StepConfig
-
-
-class Needs(enum.Enum):
-    """What a step requires from the runner, in increasing order of cost."""
-
-    NOTHING = "nothing"  # weights only (RTN, magnitude pruning)
-    CALIBRATION = "calibration"  # one forward pass over calibration data, all observers at once
-    LAYERWISE = "layerwise"  # block-by-block: block k sees outputs of compressed blocks < k
-    TRAINING = "training"  # gradient steps on training data
-    TEACHER = "teacher"  # training against a teacher model
+from squeezeflow.compression.config import Needs, Precision, StepConfig
 
 
 class StepReport(BaseModel):
@@ -60,15 +49,14 @@ class TrainingContext:
 
 
 ConfigT = TypeVar("ConfigT", bound=StepConfig)
-Precision = Literal["fp32", "bf16"]
 
 
 class Step(Generic[ConfigT]):
     """Base class of every registered step."""
 
+    # Declared by the config class (`StepConfig.needs`, `.changes_structure`); the
+    # catalog copies them here when it registers the step.
     needs: ClassVar[Needs] = Needs.NOTHING
-    # True for steps that remove, shrink, replace or tie modules (depth, heads, low-rank):
-    # they run alone in their stage, so no other step holds modules that disappear.
     changes_structure: ClassVar[bool] = False
 
     def __init__(self, config: ConfigT) -> None:

@@ -17,17 +17,19 @@ import json
 import logging
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from pydantic import BaseModel
 
 from squeezeflow.compression.artifact import FORMAT_FILE, load_compressed
 from squeezeflow.compression.data import tokenized_batches
+from squeezeflow.compression.families import family
 from squeezeflow.compression.formats.bitstack import MIB, BitStackFormat
 from squeezeflow.compression.models import LoadedModel, mean_pooled_embeddings
 from squeezeflow.compression.quantization.bitstack.budget import bitstack_loaded, read_plan
 from squeezeflow.evaluation import fidelity
+from squeezeflow.evaluation.metrics import metric as metric_of
 from squeezeflow.evaluation.perplexity import perplexity
 
 log = logging.getLogger(__name__)
@@ -36,8 +38,8 @@ log = logging.getLogger(__name__)
 # whole artifact: enough to see the curve's shape, each costs one evaluation pass.
 CURVE_POINTS = 6
 PREFIX = "bitstack_curve"
+# the headline quality metrics the curve can measure (directions: the metric table)
 QualityMetric = Literal["perplexity", "fidelity_cosine"]
-LOWER_IS_BETTER = {"perplexity": True, "fidelity_cosine": False}
 
 
 class CurvePoint(BaseModel):
@@ -81,16 +83,18 @@ def size_quality_curve(
     for budget in budgets:
         plan = read_plan(path, budget)
         loaded = load_compressed(path, memory_budget_mb=budget)
-        if loaded.kind == "causal-lm":
-            metric: QualityMetric = "perplexity"
+        metric = family(loaded.kind).quality_metric  # the family's headline quality metric
+        if metric == "perplexity":
             quality = perplexity(loaded.model, _batches(loaded, texts, batch_size, max_length))
-        else:
+        elif metric == "fidelity_cosine":
             if base_dir is None:
                 raise ValueError("the size/quality curve of an encoder needs base_dir (fidelity to the base)")
             if reference is None:
                 reference = _embeddings(load_compressed(base_dir), texts, batch_size, max_length)
-            metric = "fidelity_cosine"
             quality = fidelity.mean_cosine(reference, _embeddings(loaded, texts, batch_size, max_length))
+        else:
+            raise ValueError(f"the size/quality curve measures {', '.join(get_args(QualityMetric))}; "
+                             f"{loaded.kind} models are scored by {metric}")
         blocks = bitstack_loaded(loaded.model)
         points.append(CurvePoint(
             budget_mb=budget, weights_mb=plan.total_bytes / MIB,
@@ -120,7 +124,8 @@ def curve_from_metrics(metrics: dict[str, float]) -> list[CurvePoint]:
                       if (m := re.fullmatch(rf"{PREFIX}_(\d+)_mb", key))})
     points = []
     for i in indices:
-        metric = next((name for name in LOWER_IS_BETTER if f"{PREFIX}_{i}_{name}" in metrics), None)
+        metric = next((name for name in get_args(QualityMetric) if f"{PREFIX}_{i}_{name}" in metrics),
+                      None)
         if metric is None:
             continue
         points.append(CurvePoint(
@@ -138,8 +143,8 @@ def pick_budget(points: list[CurvePoint], target: float) -> CurvePoint | None:
     """The smallest budget whose quality meets `target` (perplexity at most, fidelity at
     least), or None when no point does."""
     for point in sorted(points, key=lambda p: p.budget_mb):
-        lower = LOWER_IS_BETTER[point.metric]
-        if (point.quality <= target) if lower else (point.quality >= target):
+        quality = metric_of(point.metric)
+        if quality.score(point.quality) >= quality.score(target):  # target or better
             return point
     return None
 
@@ -163,7 +168,7 @@ def curve_plot(points: list[CurvePoint], path: Path, base_quality: float | None 
     if base_quality is not None:
         axes.axhline(base_quality, linestyle="--", color="gray", label="base")
         axes.legend()
-    better = "lower" if LOWER_IS_BETTER[metric] else "higher"
+    better = metric_of(metric).direction
     axes.set_xlabel("memory budget: stored tensors read (MiB)")
     axes.set_ylabel(f"{metric} ({better} is better)")
     axes.set_title("BitStack: one decomposition, every size")

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 import torch
 
 from squeezeflow import sampledata
-from squeezeflow.compression.models import LoadedModel, mean_pooled_embeddings
+from squeezeflow.compression.families import family
+from squeezeflow.compression.models import LoadedModel
 from squeezeflow.kernels import kernel_table
 
 
@@ -33,11 +34,8 @@ def exercise_kernels(loaded: LoadedModel, batch_sizes: list[int], tokens: int) -
         for size in batch_sizes:
             batch = loaded.tokenizer(texts[:size], padding="max_length", truncation=True,
                                      max_length=tokens, return_tensors="pt")
-            if loaded.kind == "encoder":
-                mean_pooled_embeddings(loaded.model, batch["input_ids"], batch["attention_mask"])
-            else:
-                loaded.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                             use_cache=False)
+            family(loaded.kind).forward(loaded.model, {"input_ids": batch["input_ids"],
+                                                       "attention_mask": batch["attention_mask"]})
     modules = dict(loaded.model.named_modules())
     grouped: dict[tuple[str, str, int, str], KernelRow] = {}
     for name, fmt, bucket, kernel, ms in kernel_table(loaded.model):

@@ -201,7 +201,7 @@ def _measure(method: Method, model_dir: str, texts_json: str, max_length: int) -
     import torch
 
     from squeezeflow.compression.artifact import load_compressed
-    from squeezeflow.compression.models import mean_pooled_embeddings
+    from squeezeflow.compression.families import family
 
     _import_model_code(model_dir)  # code is not the model: import it before the baseline
     meter = PeakMeter(method)
@@ -215,10 +215,7 @@ def _measure(method: Method, model_dir: str, texts_json: str, max_length: int) -
         return_tensors="pt",
     )
     with torch.inference_mode():
-        if loaded.kind == "encoder":
-            mean_pooled_embeddings(loaded.model, batch["input_ids"], batch["attention_mask"])
-        else:
-            loaded.model(**batch, use_cache=False)
+        family(loaded.kind).forward(loaded.model, batch)  # as the family's users run it
     return meter.peak_mb()
 
 

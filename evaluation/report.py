@@ -11,6 +11,8 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
+from squeezeflow.evaluation.metrics import headline_quality
+
 # (label, candidate metric, base metric) rows of the comparison table
 COMPARED = (
     ("fidelity cosine", "fidelity_cosine", None),
@@ -63,12 +65,16 @@ def comparison_markdown(rows: list[ComparisonRow]) -> str:
 
 
 def quality_axis(metrics: dict[str, float]) -> tuple[str, float, float] | None:
-    """(axis label, candidate quality, base quality) for the model's kind."""
-    if "fidelity_cosine" in metrics:
-        return "fidelity cosine to base (higher is better)", metrics["fidelity_cosine"], 1.0
-    if "perplexity" in metrics and "base_perplexity" in metrics:
-        return "perplexity (lower is better)", metrics["perplexity"], metrics["base_perplexity"]
-    return None
+    """(axis label, candidate quality, base quality) of the model family's headline
+    quality metric (the metric table), or None when it or its base value is missing."""
+    quality = headline_quality(metrics)
+    if quality is None:
+        return None
+    base = quality.base_value(metrics)
+    if base is None:
+        return None
+    label = f"{quality.name} ({quality.direction} is better)"
+    return label, metrics[quality.name], base
 
 
 def tradeoff_plots(points: list[TradeoffPoint], quality_label: str, folder: Path) -> list[Path]:

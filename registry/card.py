@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from squeezeflow.evaluation.metrics import METRICS, headline_quality
 from squeezeflow.registry.records import RunRecord
 
+# the metrics a card shows, in this order; units and directions come from the metric table
 HEADLINE = (
     "fidelity_cosine", "fidelity_spearman", "fidelity_topk", "perplexity", "base_perplexity",
     "perplexity_ratio", "compression_ratio", "weights_mb", "base_weights_mb", "speedup",
@@ -33,13 +35,10 @@ def model_card(record: RunRecord) -> str:
         ],
         "",
         "## Measured metrics",
-        "| metric | value |",
-        "|---|---|",
-        *[
-            f"| {name} | {record.metrics[name]:.6g} |"
-            for name in HEADLINE
-            if name in record.metrics
-        ],
+        *_quality_line(record.metrics),
+        "| metric | value | unit | better |",
+        "|---|---|---|---|",
+        *[_metric_row(name, record.metrics[name]) for name in HEADLINE if name in record.metrics],
         "",
         *_measured_on(record.evaluation_tags),
         "## Gates",
@@ -50,6 +49,21 @@ def model_card(record: RunRecord) -> str:
         value = "missing" if result.value is None else f"{result.value:.6g}"
         lines.append(f"- {'PASS' if result.passed else 'FAIL'}: {result.gate} (measured {value})")
     return "\n".join(lines) + "\n"
+
+
+def _quality_line(metrics: dict[str, float]) -> list[str]:
+    """Which metric is this model's quality, and which way is better."""
+    quality = headline_quality(metrics)
+    if quality is None:
+        return []
+    return [f"Quality: {quality.name} ({quality.description}; {quality.direction} is better).", ""]
+
+
+def _metric_row(name: str, value: float) -> str:
+    known = METRICS.get(name)
+    unit = known.unit if known is not None else ""
+    better = known.direction if known is not None and known.direction is not None else "-"
+    return f"| {name} | {value:.6g} | {unit} | {better} |"
 
 
 def _measured_on(tags: dict[str, str]) -> list[str]:

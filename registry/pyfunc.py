@@ -30,18 +30,14 @@ class CompressedModel(mlflow.pyfunc.PythonModel):  # type: ignore[misc,name-defi
     ) -> Any:
         import torch
 
-        from squeezeflow.compression.models import mean_pooled_embeddings
+        from squeezeflow.compression.families import family
 
         texts = _texts(model_input)
         tokenizer, model = self.loaded.tokenizer, self.loaded.model
         batch = tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
         with torch.inference_mode():
-            if self.loaded.kind == "encoder":
-                embeddings = mean_pooled_embeddings(model, batch["input_ids"], batch["attention_mask"])
-                return embeddings.numpy()
-            max_new_tokens = int((params or {}).get("max_new_tokens", 20))
-            generated = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
-        return tokenizer.batch_decode(generated, skip_special_tokens=True)
+            # embeddings (encoders) or greedy completions (causal LMs): the family says
+            return family(self.loaded.kind).serve(model, tokenizer, batch, params or {})
 
 
 def _texts(model_input: Any) -> list[str]:

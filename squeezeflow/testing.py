@@ -60,9 +60,10 @@ def word_tokenizer(kind: str) -> PreTrainedTokenizerFast:
 
 
 def tiny_llama(
-    hidden: int = 64, layers: int = 2, heads: int = 4, intermediate: int = 128, seed: int = 0
+    hidden: int = 64, layers: int = 2, heads: int = 4, intermediate: int = 128, seed: int = 0,
+    tokenizer: PreTrainedTokenizerFast | None = None,  # default: word_tokenizer("causal-lm")
 ) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
-    tokenizer = word_tokenizer("causal-lm")
+    tokenizer = tokenizer or word_tokenizer("causal-lm")
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=intermediate,
@@ -171,3 +172,24 @@ def add_outlier_features(model: PreTrainedModel, count: int = 4, factor: float =
                 norm.weight.mul_(s)
                 for linear in linears:
                     linear.weight.div_(s)
+
+
+def byte_bpe_tokenizer(vocab_size: int = 512, seed: int = 0) -> PreTrainedTokenizerFast:
+    """GPT-2 style byte-level BPE trained on sample sentences: a tokenizer llama.cpp
+    reproduces (GGUF `gpt2` model, `gpt-2` pre-tokenizer), unlike `word_tokenizer`."""
+    from tokenizers import decoders, trainers
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)  # type: ignore[assignment]
+    backend.decoder = decoders.ByteLevel()  # type: ignore[assignment]
+    trainer = trainers.BpeTrainer(  # type: ignore[call-arg]
+        vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    backend.train_from_iterator(sampledata.sentences(2000, seed=seed), trainer=trainer)
+    bos = backend.token_to_id("<s>")
+    backend.post_processor = processors.TemplateProcessing(  # type: ignore[assignment]
+        single="<s> $A", special_tokens=[("<s>", bos)]
+    )
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>",
+                                   eos_token="</s>")

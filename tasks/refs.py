@@ -16,7 +16,7 @@ import squeezeflow
 class CheckpointRef(BaseModel):
     path: str
     sha256: str
-    kind: str  # "encoder" or "causal-lm"
+    kind: str  # the model family: "encoder", "causal-lm", ... (compression/families.py)
 
 
 class DataRef(BaseModel):

@@ -38,6 +38,8 @@ from squeezeflow.compression.integrity import (
     write_manifest,
 )
 from squeezeflow.compression.models import detect_kind, load_tokenizer, resolve_source
+from squeezeflow.compression.progress import advance
+from squeezeflow.compression.progress import scope as progress_scope
 from squeezeflow.compression.runners import run_stage_steps
 from squeezeflow.compression.step import Step, TrainingContext
 from squeezeflow.evaluation.gates import Gate, GateResult, check_gates
@@ -168,8 +170,14 @@ def run_stage(
         remove_leftovers(checkpoints, key)  # partial outputs of killed runs of this stage
         cached = _cached_stage(stage.name, output, source.kind) if use_cache else None
         if cached is not None:
+            advance(f"stage {stage.name}", 1, 1, "cached")
             return cached
-        return _compute_stage(stage, source, calibration, calibration_spec, seed, training, key, output)
+        advance(f"stage {stage.name}", 0, 1)
+        with progress_scope(stage.name):
+            result = _compute_stage(stage, source, calibration, calibration_spec, seed, training,
+                                    key, output)
+        advance(f"stage {stage.name}", 1, 1, f"{result.seconds:.1f} s")
+        return result
 
 
 def _cached_stage(name: str, output: Path, kind: str) -> StageResult | None:
@@ -267,7 +275,7 @@ def training_inputs(
     recipe's base model), a registered version `models:/NAME/VERSION` (downloaded here)
     or a model folder.
     """
-    trainers = [step for step in stage.steps if CATALOG.entry(step.kind).step_cls.needs in TRAINING_NEEDS]
+    trainers = [step for step in stage.steps if CATALOG.entry(step.kind).config_cls.needs in TRAINING_NEEDS]
     if not trainers:
         return None
     if data is None or spec is None:
@@ -296,10 +304,17 @@ def checkpoint_writer(steps: list[Step[Any]]) -> Step[Any] | None:
 def evaluate_candidate(
     base: CheckpointRef, candidate: CheckpointRef, data: DataRef, settings: EvaluationSettings
 ) -> EvaluationReport:
-    return evaluate(
-        Path(base.path), Path(candidate.path), read_texts(data), settings,
-        progress=lambda message: log.info(message),
-    )
+    phases: list[str] = []  # what the evaluation has started, in order
+
+    def tell(message: str) -> None:
+        log.info(message)
+        advance("evaluation", len(phases), None, message)
+        phases.append(message)
+
+    report = evaluate(Path(base.path), Path(candidate.path), read_texts(data), settings,
+                      progress=tell)
+    advance("evaluation", len(phases), len(phases), "done")
+    return report
 
 
 @task(name="check-gates", cache_policy=NONE)
@@ -310,7 +325,10 @@ def gate_results(gates: tuple[Gate, ...], metrics: dict[str, float]) -> list[Gat
 @task(name="register", cache_policy=NONE)
 def register(record: RunRecord) -> RegisteredVersion:
     """Log and register; safe to retry (a version created by an earlier attempt is reused)."""
-    return log_and_register(record)
+    advance("registering", 0, None, f"{record.model_name} in MLflow")
+    registered = log_and_register(record)
+    advance("registering", 1, 1, f"{record.model_name} version {registered.version}")
+    return registered
 
 
 @task(name="publish-report", cache_policy=NONE)

@@ -14,15 +14,14 @@ Every loss is a mean over real tokens: `mask` (batch, seq) is 1 on tokens, 0 on 
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from squeezeflow.compression.distillation.kd.config import Distance
+
 EPS = 1e-12  # keeps relative errors finite on all-zero references
 
-Distance = Literal["mse", "cosine"]
 
 
 def logit_kd(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor, temperature: float) -> Tensor:

@@ -40,25 +40,24 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any, Literal
 
-from pydantic import Field, model_validator
 from torch import nn
 
 from squeezeflow.compression.artifact import load_compressed
 from squeezeflow.compression.catalog import register_step
-from squeezeflow.compression.config import StepConfig, StrictModel
-from squeezeflow.compression.distillation.kd.math import Distance, even_layer_map
+from squeezeflow.compression.distillation.kd.config import DistillConfig, Losses, unavailable_loss
+from squeezeflow.compression.distillation.kd.math import even_layer_map
 from squeezeflow.compression.distillation.kd.trainer import (
     Distiller,
     Objective,
     Schedule,
     model_config,
 )
+from squeezeflow.compression.families import detect_family
 from squeezeflow.compression.formats import FORMATS
-from squeezeflow.compression.models import detect_kind, find_blocks
+from squeezeflow.compression.models import find_blocks
 from squeezeflow.compression.quantization.qweight import QUANTIZED_ATTR
-from squeezeflow.compression.step import Needs, Step, StepReport, TrainingContext
+from squeezeflow.compression.step import Step, StepReport, TrainingContext
 
 log = logging.getLogger(__name__)
 
@@ -66,85 +65,8 @@ NORM_TYPES = ("LayerNorm", "RMSNorm")  # class-name suffixes of normalization la
 BUDGET_FIELDS = {"max_steps", "max_tokens", "max_minutes", "checkpoint_every", "log_every"}
 
 
-class Losses(StrictModel):
-    logits: float = Field(0.0, ge=0)
-    hidden: float = Field(0.0, ge=0)
-    task: float = Field(0.0, ge=0)
-    embedding: float = Field(0.0, ge=0)
-
-    @model_validator(mode="after")
-    def _some_loss(self) -> Losses:
-        if not any((self.logits, self.hidden, self.task, self.embedding)):
-            raise ValueError("every loss weight is 0; give at least one a positive weight")
-        return self
-
-
-# logits carry most of what a causal LM knows; hidden KD guides the blocks left after
-# pruning. Encoders are used through their pooled embeddings, so those are the target.
-DEFAULT_LOSSES = {
-    "causal-lm": Losses(logits=1.0, hidden=1.0),
-    "encoder": Losses(embedding=1.0, hidden=1.0),
-}
-
-
-class DistillConfig(StepConfig):
-    kind: Literal["distill"] = "distill"
-    teacher: str = "base"  # "base", models:/NAME/VERSION (or @alias), or a model folder
-    losses: Losses | None = None  # None: by model kind (DEFAULT_LOSSES)
-    temperature: float = Field(2.0, gt=0)  # Hinton et al. use 2-5; > 1 shows the teacher's runner-up tokens
-    hidden_distance: Distance = "mse"  # relative MSE; "cosine" ignores scale
-    embedding_distance: Distance = "cosine"  # what retrieval with the embeddings compares
-    layer_map: dict[int, int] | None = None  # student block -> teacher block
-    project: bool = False  # learn student->teacher width maps when hidden sizes differ
-    max_steps: int = Field(200, ge=1)  # a few hundred steps heal a pruned model's first loss
-    max_tokens: int | None = Field(None, ge=1)
-    max_minutes: float | None = Field(None, gt=0)
-    lr: float = Field(1e-4, gt=0)  # fine-tuning rate: the student starts from trained weights
-    schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    warmup_steps: int = Field(10, ge=0)  # lets Adam's moment estimates settle
-    weight_decay: float = Field(0.0, ge=0)  # short runs from trained weights need none
-    grad_clip: float | None = Field(1.0, gt=0)  # caps the first steps' large gradients
-    train: Literal["all", "linears", "norms_biases"] = "all"  # linears: the ones targets/ignore select
-    keep_sparsity: bool = True  # pruned (zero) weights stay zero, so pruning survives training
-    eval_every: int = Field(0, ge=0)  # steps between validations; 0: no validation
-    validation_batches: int = Field(1, ge=1)  # held out from training when eval_every > 0
-    patience: int = Field(0, ge=0)  # validations without improvement before stopping; 0: never
-    min_delta: float = Field(0.0, ge=0)  # an improvement smaller than this does not count
-    checkpoint_every: int = Field(50, ge=1)  # steps between resumable checkpoints
-    log_every: int = Field(10, ge=1)  # steps per point of the training curves
-
-    @model_validator(mode="after")
-    def _consistent(self) -> DistillConfig:
-        if self.layer_map is not None:
-            bad = {s: t for s, t in self.layer_map.items() if s < 0 or t < 0}
-            if bad:
-                raise ValueError(f"layer_map: block indices must be >= 0, got {bad}")
-        if self.patience and not self.eval_every:
-            raise ValueError("patience: early stopping needs eval_every > 0")
-        return self
-
-    def check_model(self, config: Any) -> Any:
-        """The student's side, read from config.json: its blocks and its kind."""
-        losses = self.losses
-        if losses is not None and detect_kind(config) == "encoder" and (losses.logits or losses.task):
-            raise ValueError("losses: an encoder has no logits; use embedding and hidden losses")
-        if losses is not None and detect_kind(config) == "causal-lm" and losses.embedding:
-            raise ValueError("losses.embedding: for encoders; causal LMs use logits, hidden, task")
-        blocks = getattr(config, "num_hidden_layers", None)
-        if self.layer_map and isinstance(blocks, int):
-            missing = sorted(s for s in self.layer_map if s >= blocks)
-            if missing:
-                raise ValueError(
-                    f"layer_map: student block {missing[0]} does not exist; the student has "
-                    f"{blocks} blocks at this stage"
-                )
-        return config
-
-
 @register_step(DistillConfig)
 class DistillStep(Step[DistillConfig]):
-    needs = Needs.TEACHER
-
     def accepts(self, module: nn.Module) -> bool:
         """For `train: linears`: Linears, and modules computing their weight from a stored
         value they train themselves (RPS: the shared z and the layer's scale)."""
@@ -161,8 +83,8 @@ class DistillStep(Step[DistillConfig]):
     ) -> StepReport:
         c = self.config
         teacher = load_teacher(context, "distill")
-        kind = detect_kind(model_config(model))
-        losses = c.losses or DEFAULT_LOSSES[kind]
+        family = detect_family(model_config(model))
+        losses = c.losses or Losses(**family.distill_defaults)
         layer_map = check_pair(teacher, model, losses, c.layer_map, c.project, str(context.teacher))
         quantized = [name for name, m in model.named_modules() if getattr(m, QUANTIZED_ATTR, None)]
         if quantized:
@@ -201,7 +123,7 @@ class DistillStep(Step[DistillConfig]):
         try:
             distiller = Distiller(
                 model, teacher, objective, schedule, trainable, train_batches, validation,
-                context.folder, fingerprint, causal_lm=kind == "causal-lm", progress=progress,
+                context.folder, fingerprint, causal_lm=family.next_token_logits, progress=progress,
                 keep_sparsity=c.keep_sparsity,
             )
             state = distiller.run()
@@ -269,16 +191,16 @@ def check_pair(
     """Fail before training when teacher and student cannot be paired; the layer map to use."""
     both = f"{describe(teacher, 'teacher', teacher_name)} and {describe(student, 'student')}"
     teacher_config, student_config = model_config(teacher), model_config(student)
-    teacher_kind, student_kind = detect_kind(teacher_config), detect_kind(student_config)
-    if teacher_kind != student_kind:
-        raise ValueError(f"cannot distill: {both}: one is a {teacher_kind}, the other a {student_kind}")
+    teacher_family, student_family = detect_family(teacher_config), detect_family(student_config)
+    if teacher_family.name != student_family.name:
+        raise ValueError(f"cannot distill: {both}: one is a {teacher_family.name}, "
+                         f"the other a {student_family.name}")
     if teacher_config.vocab_size != student_config.vocab_size:
         raise ValueError(f"cannot distill: {both} have different vocabularies; "
                          "they must share one tokenizer")
-    if student_kind == "encoder" and (losses.logits or losses.task):
-        raise ValueError(f"losses: {both} are encoders: they have no logits")
-    if student_kind == "causal-lm" and losses.embedding:
-        raise ValueError(f"losses.embedding: {both} are causal LMs; use logits, hidden, task")
+    why = unavailable_loss(student_family, losses)
+    if why is not None:
+        raise ValueError(f"losses: {both}: {why}")
     widths_differ = teacher_config.hidden_size != student_config.hidden_size
     if widths_differ and (losses.hidden or losses.embedding) and not project:
         raise ValueError(f"cannot distill: {both} have different hidden sizes; set project: true "

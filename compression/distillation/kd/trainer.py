@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from squeezeflow.compression.distillation.kd import math as kd
 from squeezeflow.compression.integrity import atomic_write
 from squeezeflow.compression.models import find_blocks
+from squeezeflow.compression.progress import advance
 from squeezeflow.compression.step import hooks
 
 log = logging.getLogger(__name__)
@@ -210,6 +211,8 @@ class Distiller:
                     self.state.tokens += int(batch["attention_mask"].sum())
                     self.state.seconds = time.monotonic() - started
                     window.setdefault("loss", []).append(float(loss.detach()))
+                    advance(f"{self.name} steps", self.state.step, self.schedule.max_steps,
+                            f"loss {window['loss'][-1]:.4f}")
                     window.setdefault("grad_norm", []).append(float(grad_norm))
                     for name, value in parts.items():
                         window.setdefault(f"loss.{name}", []).append(float(value.detach()))
@@ -224,6 +227,7 @@ class Distiller:
                         self._save()
             if window:
                 self._log_window(window)
+            advance(f"{self.name} steps", self.state.step, self.state.step)  # ended (budget or stop)
             last_validated = max((s for s, _ in self.state.curves.get("validation_loss", [])), default=-1)
             if self.nan_step is None and self.schedule.eval_every and last_validated < self.state.step:
                 with self._capture() as (student_hidden, teacher_hidden):

@@ -18,55 +18,20 @@ MoE. Works on MoE blocks with a `gate` router (weight (experts, hidden)) and an
 
 from __future__ import annotations
 
-import copy
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from squeezeflow.compression.catalog import register_step
-from squeezeflow.compression.config import StepConfig
+from squeezeflow.compression.moe.merge.config import MoEMergeConfig
 from squeezeflow.compression.moe.merge.math import RoutingStats, group_experts, merge_weights
-from squeezeflow.compression.step import Needs, Step, StepReport, hooks, real_tokens
+from squeezeflow.compression.step import Step, StepReport, hooks, real_tokens
 
 log = logging.getLogger(__name__)
-
-
-class MoEMergeConfig(StepConfig):
-    kind: Literal["moe_merge"] = "moe_merge"
-    experts: int | None = Field(None, ge=1)  # experts kept per layer; replaces keep_fraction
-    keep_fraction: float = Field(0.5, gt=0.0, lt=1.0)  # MC-SMoE keeps 1/4-1/2 with little loss
-
-    @model_validator(mode="after")
-    def _one_amount(self) -> MoEMergeConfig:
-        if self.experts is not None and "keep_fraction" in self.model_fields_set:
-            raise ValueError("give either experts or keep_fraction, not both")
-        return self
-
-    def kept(self, experts: int) -> int:
-        return self.experts if self.experts is not None else max(1, int(round(self.keep_fraction * experts)))
-
-    def check_model(self, config: Any) -> Any:
-        experts = getattr(config, "num_experts", None) or getattr(config, "num_local_experts", None)
-        field = "experts" if self.experts is not None else "keep_fraction"
-        if not isinstance(experts, int):
-            raise ValueError(f"{field}: model type {config.model_type!r} has no experts (num_experts)")
-        top_k = getattr(config, "num_experts_per_tok", 1)
-        kept = self.kept(experts)
-        if kept >= experts:
-            raise ValueError(f"{field}: keeps {kept} experts but the model has {experts} (num_experts)")
-        if kept < top_k:
-            raise ValueError(
-                f"{field}: keeps {kept} experts, fewer than the {top_k} each token is routed to "
-                "(num_experts_per_tok)"
-            )
-        after = copy.deepcopy(config)
-        after.num_experts = kept  # Mixtral maps num_experts onto num_local_experts
-        return after
 
 
 def _is_moe_block(module: nn.Module) -> bool:
@@ -79,9 +44,6 @@ def _is_moe_block(module: nn.Module) -> bool:
 
 @register_step(MoEMergeConfig)
 class MoEMergeStep(Step[MoEMergeConfig]):
-    needs = Needs.CALIBRATION
-    changes_structure = True
-
     def __init__(self, config: MoEMergeConfig) -> None:
         super().__init__(config)
         self.stats: dict[str, RoutingStats] = {}

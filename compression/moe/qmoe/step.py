@@ -31,20 +31,18 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from pydantic import Field
 from torch import Tensor, nn
 
 from squeezeflow.compression.catalog import register_step
-from squeezeflow.compression.config import StepConfig
+from squeezeflow.compression.moe.qmoe.config import QMoEConfig
 from squeezeflow.compression.moe.qmoe.math import gptq_ternary
 from squeezeflow.compression.moe.qmoe.runtime import EXPERT_PARAMETERS
 from squeezeflow.compression.moe.qmoe.weight import TERNARY_ATTR, WEIGHT, RowLevels, TernaryWeight
 from squeezeflow.compression.quantization.gptq.math import Hessian, output_error
 from squeezeflow.compression.step import (
-    Needs,
     Precision,
     Step,
     StepReport,
@@ -55,19 +53,6 @@ from squeezeflow.compression.step import (
 )
 
 log = logging.getLogger(__name__)
-
-
-class QMoEConfig(StepConfig):
-    kind: Literal["qmoe"] = "qmoe"
-    # The paper compresses the experts, which hold ~all of an MoE's parameters; attention,
-    # routers and dense layers stay as they are.
-    targets: tuple[str, ...] = ("*experts*",)
-    damp: float = Field(0.1, gt=0.0, lt=1.0)  # QMoE's `--percdamp .1`: ternary needs 10x GPTQ's 1%
-    block_size: int = Field(128, ge=1)  # lazy-update block: 128 columns as in GPTQ
-    act_order: bool = False  # QMoE's runs leave it off
-    # bf16: calibration forwards and Hessians use bf16 matmuls (fp32 accumulation) on
-    # CPUs with native bf16; the GPTQ solve itself always runs in fp32
-    calibration_precision: Precision = "bf16"
 
 
 def is_stacked_experts(module: nn.Module) -> bool:
@@ -86,8 +71,6 @@ def is_stacked_experts(module: nn.Module) -> bool:
 
 @register_step(QMoEConfig)
 class QMoEStep(Step[QMoEConfig]):
-    needs = Needs.LAYERWISE
-
     def __init__(self, config: QMoEConfig) -> None:
         super().__init__(config)
         # module name -> parameter name -> one Hessian per matrix (per expert)

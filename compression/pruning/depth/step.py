@@ -16,63 +16,24 @@ saved model is a smaller ordinary Hugging Face model.
 
 from __future__ import annotations
 
-import copy
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import Field, model_validator
 from torch import nn
 
 from squeezeflow.compression.catalog import register_step
-from squeezeflow.compression.config import StepConfig
 from squeezeflow.compression.models import find_blocks
+from squeezeflow.compression.pruning.depth.config import PER_LAYER_CONFIG_LISTS, DepthConfig
 from squeezeflow.compression.pruning.depth.math import InfluenceMeter, least_influential
-from squeezeflow.compression.step import Needs, Step, StepReport, hooks
+from squeezeflow.compression.step import Step, StepReport, hooks
 
 log = logging.getLogger(__name__)
-
-PER_LAYER_CONFIG_LISTS = ("layer_types",)  # config lists with one entry per block
-
-
-class DepthConfig(StepConfig):
-    kind: Literal["depth"] = "depth"
-    remove: int = Field(1, ge=1)  # one block is the smallest change depth pruning can make
-    fraction: float | None = Field(None, gt=0.0, lt=1.0)  # replaces `remove` when given
-
-    @model_validator(mode="after")
-    def _one_amount(self) -> DepthConfig:
-        if self.fraction is not None and "remove" in self.model_fields_set:
-            raise ValueError("give either remove or fraction, not both")
-        return self
-
-    def blocks_removed(self, blocks: int) -> int:
-        return self.remove if self.fraction is None else int(round(self.fraction * blocks))
-
-    def check_model(self, config: Any) -> Any:
-        blocks = getattr(config, "num_hidden_layers", None)
-        if not isinstance(blocks, int):
-            raise ValueError(f"remove: model type {config.model_type!r} has no num_hidden_layers")
-        removed = self.blocks_removed(blocks)
-        field = "remove" if self.fraction is None else "fraction"
-        if removed >= blocks:
-            raise ValueError(
-                f"{field}: {removed} blocks removed but the model has {blocks} "
-                "(num_hidden_layers); at least one must remain"
-            )
-        if removed == 0:
-            raise ValueError(f"fraction: {self.fraction} of {blocks} blocks rounds to no block")
-        after = copy.deepcopy(config)
-        after.num_hidden_layers = blocks - removed
-        return after
 
 
 @register_step(DepthConfig)
 class DepthStep(Step[DepthConfig]):
-    needs = Needs.CALIBRATION
-    changes_structure = True
-
     def __init__(self, config: DepthConfig) -> None:
         super().__init__(config)
         self.prefix = ""

@@ -10,25 +10,18 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 from torch import nn
 
 from squeezeflow.compression.catalog import register_step
+from squeezeflow.compression.pruning.magnitude.config import MagnitudeConfig
 from squeezeflow.compression.pruning.magnitude.math import magnitude_mask
-from squeezeflow.compression.pruning.sparsity import SparsityConfig, nm_mask
-from squeezeflow.compression.step import Needs, Step, StepReport
-
-
-class MagnitudeConfig(SparsityConfig):
-    kind: Literal["magnitude"] = "magnitude"
+from squeezeflow.compression.pruning.sparsity import nm_mask
+from squeezeflow.compression.step import Step, StepReport
 
 
 @register_step(MagnitudeConfig)
 class MagnitudeStep(Step[MagnitudeConfig]):
-    needs = Needs.NOTHING
-
     def apply(self, modules: dict[str, nn.Module]) -> StepReport:
         per_module = {}
         for name, module in modules.items():

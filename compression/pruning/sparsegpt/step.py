@@ -19,49 +19,20 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Literal
 
 import torch
-from pydantic import Field, field_validator
 from torch import nn
 
 from squeezeflow.compression.catalog import register_step
 from squeezeflow.compression.pruning.observers import InputGram, observe_inputs
+from squeezeflow.compression.pruning.sparsegpt.config import SparseGPTConfig
 from squeezeflow.compression.pruning.sparsegpt.math import QuantSpec, sparsegpt
-from squeezeflow.compression.pruning.sparsity import SparsityConfig
 from squeezeflow.compression.quantization.qweight import attach
-from squeezeflow.compression.step import Needs, Step, StepReport
-
-SUPPORTED_BITS = (2, 3, 4, 8)
-
-
-class SparseGPTConfig(SparsityConfig):
-    kind: Literal["sparsegpt"] = "sparsegpt"
-    bits: int | None = None  # None keeps fp weights; 4 with 50% sparsity is the paper's joint setting
-    group_size: int | None = None  # input columns per grid when quantizing; None = per row
-    symmetric: bool = True  # symmetric grids are what fast int kernels expect
-    block_size: int = Field(128, ge=1)  # columns per lazy-update block (the paper's B)
-    damp: float = Field(0.01, gt=0.0)  # keeps H positive definite on rank-deficient calibration
-
-    @field_validator("bits")
-    @classmethod
-    def _bits_supported(cls, bits: int | None) -> int | None:
-        if bits is not None and bits not in SUPPORTED_BITS:
-            raise ValueError(f"bits must be one of {', '.join(map(str, SUPPORTED_BITS))} or null")
-        return bits
-
-    @field_validator("group_size")
-    @classmethod
-    def _group_positive(cls, group_size: int | None) -> int | None:
-        if group_size is not None and group_size < 1:
-            raise ValueError("group_size must be a positive integer or null (per row)")
-        return group_size
+from squeezeflow.compression.step import Step, StepReport
 
 
 @register_step(SparseGPTConfig)
 class SparseGPTStep(Step[SparseGPTConfig]):
-    needs = Needs.LAYERWISE
-
     def __init__(self, config: SparseGPTConfig) -> None:
         super().__init__(config)
         self.gram_by_module: dict[str, InputGram] = {}

@@ -17,20 +17,18 @@ stores `head_dim` (Llama, Mistral, Qwen2/3); MLP channels also work on BERT.
 
 from __future__ import annotations
 
-import copy
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from squeezeflow.compression.catalog import register_step
-from squeezeflow.compression.config import StepConfig
 from squeezeflow.compression.pruning.observers import InputSquares, observe_inputs
+from squeezeflow.compression.pruning.structured.config import StructuredConfig
 from squeezeflow.compression.pruning.structured.math import (
     channel_importance,
     head_importance,
@@ -38,79 +36,9 @@ from squeezeflow.compression.pruning.structured.math import (
     slice_linear,
     unit_indices,
 )
-from squeezeflow.compression.step import Needs, Step, StepReport, hooks, real_tokens
+from squeezeflow.compression.step import Step, StepReport, hooks, real_tokens
 
 log = logging.getLogger(__name__)
-
-
-class StructuredConfig(StepConfig):
-    kind: Literal["structured"] = "structured"
-    remove_heads: int = Field(0, ge=0)  # heads removed per layer; 0 keeps attention whole
-    remove_channels: float = Field(0.25, ge=0.0, lt=1.0)  # a quarter of the MLP is cheap to lose
-
-    @model_validator(mode="after")
-    def _removes_something(self) -> StructuredConfig:
-        if self.remove_heads == 0 and self.remove_channels == 0:
-            raise ValueError("remove_heads and remove_channels are both 0: nothing to remove")
-        return self
-
-    def channels_removed(self, intermediate_size: int) -> int:
-        return int(round(self.remove_channels * intermediate_size))
-
-    def check_model(self, config: Any) -> Any:
-        after = copy.deepcopy(config)
-        if self.remove_heads:
-            heads = getattr(config, "num_attention_heads", None)
-            head_dim = getattr(config, "head_dim", None)
-            if not isinstance(heads, int) or not isinstance(head_dim, int):
-                raise ValueError(
-                    f"remove_heads: model type {config.model_type!r} has no head_dim in its config, "
-                    "so fewer heads cannot be saved consistently; head pruning supports "
-                    "Llama-style attention (llama, mistral, qwen2, qwen3)"
-                )
-            kv_heads = getattr(config, "num_key_value_heads", None) or heads
-            group = heads // kv_heads
-            if self.remove_heads >= heads:
-                raise ValueError(
-                    f"remove_heads: {self.remove_heads} heads removed but the model has "
-                    f"{heads} per layer (num_attention_heads); at least one must remain"
-                )
-            if self.remove_heads % group:
-                raise ValueError(
-                    f"remove_heads: {self.remove_heads} is not a multiple of the {group} query "
-                    f"heads sharing each key/value head (num_attention_heads / num_key_value_heads)"
-                )
-            after.num_attention_heads = heads - self.remove_heads
-            after.num_key_value_heads = kv_heads - self.remove_heads // group
-            _validate(after, "remove_heads")
-        if self.remove_channels:
-            width = getattr(config, "intermediate_size", None)
-            if not isinstance(width, int):
-                raise ValueError(
-                    f"remove_channels: model type {config.model_type!r} has no intermediate_size"
-                )
-            if self.channels_removed(width) >= width:
-                raise ValueError(
-                    f"remove_channels: {self.remove_channels} removes every one of the "
-                    f"{width} MLP channels (intermediate_size)"
-                )
-            after.intermediate_size = width - self.channels_removed(width)
-            _validate(after, "remove_channels")
-        return after
-
-
-def _validate(config: Any, field: str) -> None:
-    """Run transformers' own checks of the pruned config (e.g. Llama: hidden % heads == 0)."""
-    from huggingface_hub.errors import StrictDataclassError
-
-    validate = getattr(config, "validate", None)
-    if not callable(validate):
-        return
-    try:
-        validate()
-    except (StrictDataclassError, ValueError) as error:
-        cause = error.__cause__ or error
-        raise ValueError(f"{field}: transformers rejects the pruned config: {cause}") from None
 
 
 @dataclass
@@ -155,9 +83,6 @@ class HeadGrams:
 
 @register_step(StructuredConfig)
 class StructuredStep(Step[StructuredConfig]):
-    needs = Needs.CALIBRATION
-    changes_structure = True
-
     def __init__(self, config: StructuredConfig) -> None:
         super().__init__(config)
         self.attention: dict[str, Attention] = {}

@@ -15,26 +15,19 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Literal
 
 import torch
 from torch import nn
 
 from squeezeflow.compression.catalog import register_step
 from squeezeflow.compression.pruning.observers import InputSquares, observe_inputs
-from squeezeflow.compression.pruning.sparsity import SparsityConfig
+from squeezeflow.compression.pruning.wanda.config import WandaConfig
 from squeezeflow.compression.pruning.wanda.math import wanda_mask
-from squeezeflow.compression.step import Needs, Step, StepReport
-
-
-class WandaConfig(SparsityConfig):
-    kind: Literal["wanda"] = "wanda"
+from squeezeflow.compression.step import Step, StepReport
 
 
 @register_step(WandaConfig)
 class WandaStep(Step[WandaConfig]):
-    needs = Needs.LAYERWISE
-
     def __init__(self, config: WandaConfig) -> None:
         super().__init__(config)
         self.squares_by_module: dict[str, InputSquares] = {}

@@ -54,14 +54,13 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from squeezeflow.compression.catalog import register_step
-from squeezeflow.compression.config import StepConfig
+from squeezeflow.compression.quantization.bitstack.config import BitStackConfig
 from squeezeflow.compression.quantization.bitstack.math import (
     FACTOR_BYTES,
     activation_scale,
@@ -71,40 +70,15 @@ from squeezeflow.compression.quantization.bitstack.math import (
 )
 from squeezeflow.compression.quantization.bitstack.stored import BITSTACK_ATTR, BitStackWeight
 from squeezeflow.compression.quantization.qweight import attach, relative_error
-from squeezeflow.compression.step import Needs, Step, StepReport, hooks, real_tokens, summarize
+from squeezeflow.compression.step import Step, StepReport, hooks, real_tokens, summarize
 
 log = logging.getLogger(__name__)
 
-Importance = Literal["perplexity", "fisher", "output_error"]
 Ranking = list[tuple[str, int]]  # (Linear, block index), most important first
-
-
-class BitStackConfig(StepConfig):
-    kind: Literal["bitstack"] = "bitstack"
-    # the paper's 16 blocks: ~16-18 bits per weight in full; 64 blocks would outweigh fp32
-    niter: int = Field(16, ge=1, le=64)
-    rank: int | None = Field(None, ge=1)  # k of every block; None: from factor_bits per shape
-    # fp16 factor bits per weight per block when rank is None: k = 16 on 4096 x 4096 (paper);
-    # at 16 the factors alone would cost what an fp16 copy of the weight does
-    factor_bits: float = Field(0.125, gt=0.0, le=16.0)
-    activation_aware: bool = True  # decompose W diag(s), s = input RMS per channel (paper 2.1)
-    # the paper's score: the best ranking at 4 bits per weight and below on the sensitive
-    # benchmark model, at 4-6x the proxies' cost (benchmarks/README.md, BitStack)
-    importance: Importance = "perplexity"
-    # calibration sequences kept for perplexity / fisher (the paper: 32 of 2048 tokens)
-    importance_samples: int = Field(32, ge=1)
-
-    @model_validator(mode="after")
-    def _rank_or_factor_bits(self) -> BitStackConfig:
-        if self.rank is not None and "factor_bits" in self.model_fields_set:
-            raise ValueError("give rank (the same k for every Linear) or factor_bits (k per shape), not both")
-        return self
 
 
 @register_step(BitStackConfig)
 class BitStackStep(Step[BitStackConfig]):
-    needs = Needs.CALIBRATION
-
     def __init__(self, config: BitStackConfig) -> None:
         super().__init__(config)
         self._root: nn.Module | None = None  # the model, when selected from its root

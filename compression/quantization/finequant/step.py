@@ -15,33 +15,18 @@ reported per module; the artifact stores each matrix with its own group size.
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
-from pydantic import Field
 from torch import Tensor, nn
 
 from squeezeflow.compression.catalog import register_step
-from squeezeflow.compression.config import StepConfig
-from squeezeflow.compression.quantization.fields import Bits
+from squeezeflow.compression.quantization.finequant.config import FineQuantConfig
 from squeezeflow.compression.quantization.finequant.math import adaptive_group_quantize
 from squeezeflow.compression.quantization.qweight import as_stored, attach
-from squeezeflow.compression.step import Needs, Step, StepReport
-
-
-class FineQuantConfig(StepConfig):
-    kind: Literal["finequant"] = "finequant"
-    bits: Bits = 4  # the format FineQuant targets: 4-bit weights, fp16 activations
-    max_error: float = Field(0.12, gt=0.0, lt=1.0)  # a g128-like budget on Gaussian weights
-    min_group_size: int = Field(32, ge=1)  # finer groups cost more in scales than they save
-    symmetric: bool = True
-
+from squeezeflow.compression.step import Step, StepReport
 
 
 @register_step(FineQuantConfig)
 class FineQuantStep(Step[FineQuantConfig]):
-    needs = Needs.NOTHING
-
     def apply(self, modules: dict[str, nn.Module]) -> StepReport:
         per_module = {}
         for name, module in modules.items():

@@ -14,30 +14,19 @@ to fp32.
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
-from pydantic import Field
 from torch import Tensor, nn
 
 from squeezeflow.compression.catalog import register_step
-from squeezeflow.compression.config import StepConfig
 from squeezeflow.compression.quantization.codebook import attach_codebook, quantize_to_codebook
+from squeezeflow.compression.quantization.float4.config import Float4Config
 from squeezeflow.compression.quantization.float4.math import CODEBOOKS
 from squeezeflow.compression.quantization.qweight import as_stored, relative_error
-from squeezeflow.compression.step import Needs, Step, StepReport
-
-
-class Float4Config(StepConfig):
-    kind: Literal["float4"] = "float4"
-    format: Literal["nf4", "fp4"] = "nf4"  # NF4 fits normally distributed weights best
-    block_size: int = Field(64, ge=1)  # 64: bitsandbytes' default, 0.25 extra bits per weight
+from squeezeflow.compression.step import Step, StepReport
 
 
 @register_step(Float4Config)
 class Float4Step(Step[Float4Config]):
-    needs = Needs.NOTHING
-
     def apply(self, modules: dict[str, nn.Module]) -> StepReport:
         codebook = CODEBOOKS[self.config.format]()  # (16,)
         per_module = {}

@@ -31,52 +31,22 @@ import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from squeezeflow.compression.catalog import register_step
-from squeezeflow.compression.config import DEFAULT_IGNORE, StepConfig
-from squeezeflow.compression.quantization.fields import Bits, GroupSize
+from squeezeflow.compression.quantization.gptq.config import GPTQConfig
 from squeezeflow.compression.quantization.gptq.math import Hessian, gptq_quantize, output_error
 from squeezeflow.compression.quantization.qweight import as_stored, attach, relative_error
-from squeezeflow.compression.step import Needs, Precision, Step, StepReport, hooks, real_tokens
+from squeezeflow.compression.step import Precision, Step, StepReport, hooks, real_tokens
 
 log = logging.getLogger(__name__)
-
-Backend = Literal["squeezeflow", "gptqmodel"]
-
-
-class GPTQConfig(StepConfig):
-    kind: Literal["gptq"] = "gptq"
-    bits: Bits = 4  # 4-bit g128 is the usual GPTQ point: ~4.25 bits/weight, small ppl loss
-    group_size: GroupSize = 128  # None = one grid per output row; a non-divisor gives a short last group
-    symmetric: bool = True  # symmetric grids are what fast int kernels expect
-    act_order: bool = False  # columns by decreasing diag(H); helps most at 3 bits and below
-    static_groups: bool = False  # grids from the unmodified weights, found before any update
-    damp: float = Field(0.01, gt=0.0, lt=1.0)  # the paper's 1% of mean diag(H)
-    block_size: int = Field(128, ge=1)  # lazy-update block: 128 columns as in the paper
-    backend: Backend = "squeezeflow"  # "gptqmodel": GPTQModel quantizes the whole model
-    # bf16: calibration forwards and Hessians use bf16 matmuls (fp32 accumulation) on
-    # CPUs with native bf16; the GPTQ solve itself always runs in fp32
-    calibration_precision: Precision = "bf16"
-
-    @model_validator(mode="after")
-    def _backend_options(self) -> GPTQConfig:
-        if self.backend == "gptqmodel" and (self.targets != ("*",) or self.ignore != DEFAULT_IGNORE):
-            raise ValueError(
-                "backend 'gptqmodel' quantizes every Linear of every block; "
-                "targets and ignore are only supported by backend 'squeezeflow'"
-            )
-        return self
 
 
 @register_step(GPTQConfig)
 class GPTQStep(Step[GPTQConfig]):
-    needs = Needs.LAYERWISE
-
     def __init__(self, config: GPTQConfig) -> None:
         super().__init__(config)
         self.hessian_by_module: dict[str, Hessian] = {}

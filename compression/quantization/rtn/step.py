@@ -10,30 +10,18 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 from torch import nn
 
 from squeezeflow.compression.catalog import register_step
-from squeezeflow.compression.config import StepConfig
-from squeezeflow.compression.quantization.fields import Bits, GroupSize
 from squeezeflow.compression.quantization.qweight import attach, relative_error
+from squeezeflow.compression.quantization.rtn.config import RTNConfig
 from squeezeflow.compression.quantization.rtn.math import quantize_rtn
-from squeezeflow.compression.step import Needs, Step, StepReport
-
-
-class RTNConfig(StepConfig):
-    kind: Literal["rtn"] = "rtn"
-    bits: Bits = 8  # 8 bits keeps encoders within ~1e-3 of fp32 fidelity
-    group_size: GroupSize = None  # None = per output channel; 128 is the usual 4-bit choice
-    symmetric: bool = True  # symmetric grids are what fast int kernels expect
+from squeezeflow.compression.step import Step, StepReport
 
 
 @register_step(RTNConfig)
 class RTNStep(Step[RTNConfig]):
-    needs = Needs.NOTHING
-
     def apply(self, modules: dict[str, nn.Module]) -> StepReport:
         per_module = {}
         for name, module in modules.items():

@@ -30,29 +30,22 @@ import logging
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from pydantic import Field
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from squeezeflow.compression.catalog import register_step
-from squeezeflow.compression.config import StepConfig
+from squeezeflow.compression.quantization.smoothquant.config import SmoothQuantConfig
 from squeezeflow.compression.quantization.smoothquant.math import outlier_ratio, smoothing_scales
-from squeezeflow.compression.step import Needs, Step, StepReport, hooks, real_tokens
+from squeezeflow.compression.step import Step, StepReport, hooks, real_tokens
 
 log = logging.getLogger(__name__)
 
 SMOOTHING_ATTR = "squeezeflow_smoothing"  # (in,) factor for a Linear whose scale is not folded
 NORM_SAMPLE_ROWS = 4  # input rows kept per norm to check numerically that folding is exact
 LINEAR_FUNCTIONS = (torch.nn.functional.linear, torch._C._nn.linear)
-
-
-class SmoothQuantConfig(StepConfig):
-    kind: Literal["smoothquant"] = "smoothquant"
-    alpha: float = Field(0.5, ge=0.0, le=1.0)  # 0.5: the paper's choice for OPT/BLOOM/Llama
-    fold: bool = True  # fold into preceding norms where exact; false keeps every factor runtime
 
 
 class _NormReaders(TorchFunctionMode):
@@ -88,8 +81,6 @@ class _NormReaders(TorchFunctionMode):
 
 @register_step(SmoothQuantConfig)
 class SmoothQuantStep(Step[SmoothQuantConfig]):
-    needs = Needs.CALIBRATION
-
     def __init__(self, config: SmoothQuantConfig) -> None:
         super().__init__(config)
         self._scope: nn.Module | None = None

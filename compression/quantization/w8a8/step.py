@@ -14,27 +14,19 @@ and the kernel divides its input by s while quantizing it.
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 from torch import Tensor, nn
 
 from squeezeflow.compression.catalog import register_step
-from squeezeflow.compression.config import StepConfig
 from squeezeflow.compression.quantization.qweight import attach, relative_error
 from squeezeflow.compression.quantization.smoothquant.step import SMOOTHING_ATTR
+from squeezeflow.compression.quantization.w8a8.config import W8A8Config
 from squeezeflow.compression.quantization.w8a8.math import quantize_w8a8
-from squeezeflow.compression.step import Needs, Step, StepReport
-
-
-class W8A8Config(StepConfig):
-    kind: Literal["w8a8"] = "w8a8"
+from squeezeflow.compression.step import Step, StepReport
 
 
 @register_step(W8A8Config)
 class W8A8Step(Step[W8A8Config]):
-    needs = Needs.NOTHING
-
     def apply(self, modules: dict[str, nn.Module]) -> StepReport:
         per_module = {}
         for name, module in modules.items():

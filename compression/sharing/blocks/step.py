@@ -18,22 +18,20 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from pydantic import Field
 from torch import Tensor, nn
 
 from squeezeflow.compression.catalog import register_step
-from squeezeflow.compression.config import StepConfig
 from squeezeflow.compression.models import find_blocks
+from squeezeflow.compression.sharing.blocks.config import ShareConfig
 from squeezeflow.compression.sharing.blocks.math import (
     choose_representative,
     groups_of,
     tie_linears,
 )
 from squeezeflow.compression.step import (
-    Needs,
     Step,
     StepReport,
     calibration_tokens,
@@ -47,31 +45,12 @@ log = logging.getLogger(__name__)
 Call = tuple[tuple[Any, ...], dict[str, Any]]
 
 
-class ShareConfig(StepConfig):
-    kind: Literal["share"] = "share"
-    group_size: int = Field(2, ge=2)  # 2 halves the block weights; FoldGPT's groups are 2-4
-
-    def check_model(self, config: Any) -> Any:
-        blocks = getattr(config, "num_hidden_layers", None)
-        if not isinstance(blocks, int):
-            raise ValueError(f"group_size: model type {config.model_type!r} has no num_hidden_layers")
-        if self.group_size > blocks:
-            raise ValueError(
-                f"group_size: {self.group_size} blocks per group but the model has {blocks} "
-                "(num_hidden_layers)"
-            )
-        return config
-
-
 def _hidden(output: Any) -> Tensor:
     return output[0] if isinstance(output, tuple | list) else output
 
 
 @register_step(ShareConfig)
 class ShareStep(Step[ShareConfig]):
-    needs = Needs.CALIBRATION
-    changes_structure = True
-
     def __init__(self, config: ShareConfig) -> None:
         super().__init__(config)
         self.group_inputs: dict[int, list[Call]] = {}  # first block of a group -> its calls

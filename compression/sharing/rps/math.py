@@ -47,12 +47,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from torch import Tensor
 
-Mapping = Literal["randomfold", "identity"]
+from squeezeflow.compression.sharing.rps.config import Mapping
 
 MASK32 = 0xFFFFFFFF
 MIX = 0x45D9F3B  # odd 27-bit multiplier of a well-mixing 32-bit hash; x * MIX < 2**59 fits int64

@@ -33,19 +33,16 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
-from pydantic import Field
 from torch import Tensor, nn
 
 from squeezeflow.compression.catalog import register_step
-from squeezeflow.compression.config import StepConfig
 from squeezeflow.compression.lowrank.factorized import replace_module
+from squeezeflow.compression.sharing.rps.config import RPSConfig
 from squeezeflow.compression.sharing.rps.linear import RPSLinear
 from squeezeflow.compression.sharing.rps.math import (
     Hashing,
-    Mapping,
     initial_memory,
     layer_map,
     load_factor,
@@ -53,17 +50,9 @@ from squeezeflow.compression.sharing.rps.math import (
     power_of_two_scales,
     shared_weight,
 )
-from squeezeflow.compression.step import Needs, Step, StepReport
+from squeezeflow.compression.step import Step, StepReport
 
 log = logging.getLogger(__name__)
-
-
-class RPSConfig(StepConfig):
-    kind: Literal["rps"] = "rps"
-    ratio: float = Field(0.5, gt=0.0, le=1.0)  # |z| / targeted weights; 0.5 halves them
-    seed: int = Field(0, ge=0)  # the map (chunk order, signs) is regenerated from it, never stored
-    chunk_size: int = Field(64, ge=1)  # Z: 64 consecutive weights stay together (256 B of fp32)
-    mapping: Mapping = "randomfold"  # "identity": h(P) = P mod |z|, g = +1 (folding, no hashing)
 
 
 @dataclass(frozen=True)
@@ -75,9 +64,6 @@ class _Planned:
 
 @register_step(RPSConfig)
 class RPSStep(Step[RPSConfig]):
-    needs = Needs.NOTHING
-    changes_structure = True  # Linears become RPSLinears on one shared z
-
     def __init__(self, config: RPSConfig) -> None:
         super().__init__(config)
         self.planned: dict[str, _Planned] = {}
