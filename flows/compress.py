@@ -20,6 +20,7 @@ from squeezeflow.registry.records import (  # noqa: E402
     RunRecord,
     StageRecord,
 )
+from squeezeflow.tasks.exports import export_candidate  # noqa: E402
 from squeezeflow.tasks.refs import code_version  # noqa: E402
 from squeezeflow.tasks.stages import (  # noqa: E402
     StageResult,
@@ -83,6 +84,7 @@ def compress_recipe(recipe: Recipe, use_cache: bool = True) -> CompressResult:
     settings = recipe.evaluation.model_copy()
     report = evaluate_candidate(base, current, evaluation_data, settings)
     gates = gate_results(recipe.gates, report.metrics)
+    exports = [export_candidate(current, spec.format) for spec in recipe.export]
     data_sha256 = {"evaluation": evaluation_data.sha256}
     if calibration is not None:
         data_sha256["calibration"] = calibration.sha256
@@ -113,6 +115,7 @@ def compress_recipe(recipe: Recipe, use_cache: bool = True) -> CompressResult:
         code_version=code_version(),
         flow_run_id=str(flow_run.get_id() or ""),
         evaluation_tags=report.tags,
+        exports=exports,
     )
     # retried inside (registry.runs.RetryPolicy, $SQUEEZEFLOW_REGISTRY_RETRY_DELAYS) on
     # one parent run; a task-level retry on top would multiply the attempts

@@ -6,6 +6,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from squeezeflow.compression.exports.base import ExportRecord
 from squeezeflow.evaluation.gates import GateResult
 
 
@@ -41,6 +42,9 @@ class RunRecord(BaseModel):
     # what the evaluation ran on (cpu_capability, cpu_model, torch_version, threads,
     # kernel_mix): tags `squeezeflow.<key>` on the run and the model version
     evaluation_tags: dict[str, str] = Field(default_factory=dict)
+    # the recipe's `export:` list, written from the candidate: logged under exports/<format>/,
+    # digests tagged on the version (registry/exports.py)
+    exports: list[ExportRecord] = Field(default_factory=list)
 
     @property
     def gates_passed(self) -> bool:

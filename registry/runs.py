@@ -43,6 +43,7 @@ from squeezeflow.evaluation.report import (
     tradeoff_plots,
 )
 from squeezeflow.registry.card import model_card
+from squeezeflow.registry.exports import export_tags, log_exports
 from squeezeflow.registry.fetch import download_model  # noqa: F401  (re-exported: callers import it here)
 from squeezeflow.registry.lineage import hub_commit_tags
 from squeezeflow.registry.pyfunc import ARTIFACT_KEY, PYFUNC_CODE
@@ -280,6 +281,7 @@ def _log_and_create_version(client: MlflowClient, experiment: str, run: Run, rec
              "measured_on": record.evaluation_tags}, indent=2),
         "model_card.md": model_card(record),
     })
+    log_exports(client, run_id, record.exports)  # same paths on every attempt: replaced
     if model is not None:
         model_uri = model.model_uri
         log.info("reusing model upload %s of an earlier attempt", model.model_id)
@@ -373,6 +375,7 @@ def flatten(value: Any, prefix: str = "") -> dict[str, str]:
 def _version_tags(record: RunRecord, run_id: str) -> dict[str, str]:
     gate = "passed" if record.gates_passed else "failed"
     tags = lineage_tags(record) | {"gate": gate, TAG_PREFIX + "run_id": run_id}
+    tags |= export_tags(record.exports)  # squeezeflow.export.<format>.sha256
     for index, result in enumerate(record.gate_results):
         tags[f"gate.{index}"] = f"{'pass' if result.passed else 'fail'}: {result.gate} "
         tags[f"gate.{index}"] += "(missing)" if result.value is None else f"({result.value:.6g})"

