@@ -17,14 +17,13 @@ import logging
 import statistics
 from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
 
 import torch
 from pydantic import BaseModel, Field
 
 from squeezeflow.compression.artifact import load_compressed
-from squeezeflow.compression.config import StrictModel
 from squeezeflow.compression.data import tokenized_batches
+from squeezeflow.compression.families import family
 from squeezeflow.compression.models import LoadedModel, ModelKind, mean_pooled_embeddings
 from squeezeflow.evaluation import fidelity
 from squeezeflow.evaluation.bitstack_curve import curve_metrics, is_bitstack, size_quality_curve
@@ -37,52 +36,24 @@ from squeezeflow.evaluation.latency import (
 )
 from squeezeflow.evaluation.machine import machine_tags
 from squeezeflow.evaluation.memory import memory_metrics
+from squeezeflow.evaluation.metrics import METRICS
 from squeezeflow.evaluation.perplexity import perplexity
+from squeezeflow.evaluation.settings import (  # noqa: F401 (re-exported)
+    ALL_SUITES,
+    EvaluationSettings,
+    LatencySettings,
+    Suite,
+)
 from squeezeflow.evaluation.size import parameter_counts, weights_bytes
 from squeezeflow.kernels import kernel_mix
 
 log = logging.getLogger(__name__)
 
-Suite = Literal["quality", "latency", "memory", "size"]
-ALL_SUITES: tuple[Suite, ...] = ("quality", "latency", "memory", "size")
 
-# Every metric name an evaluation can produce, for validating gates in recipes.
-QUALITY_METRICS = {
-    "encoder": ("fidelity_cosine", "fidelity_spearman", "fidelity_topk"),
-    "causal-lm": ("perplexity", "base_perplexity", "perplexity_ratio"),
-}
-MEASURED_METRICS = (
-    "latency_p50_ms", "latency_p95_ms", "latency_mean_ms", "peak_memory_mb", "size_mb",
-    "weights_mb", "parameters", "nonzero_parameters", "linear_sparsity",
-    "decode_tokens_per_s",  # causal LMs only
-)
-COMPARISON_METRICS = ("compression_ratio", "speedup", "decode_speedup", "memory_ratio")
-KNOWN_METRICS = tuple(
-    sorted(
-        {m for names in QUALITY_METRICS.values() for m in names}
-        | set(MEASURED_METRICS)
-        | {f"base_{m}" for m in MEASURED_METRICS}
-        | set(COMPARISON_METRICS)
-    )
-)
+# Every metric name an evaluation can produce, with its direction and unit, is in the
+# metric table (evaluation/metrics.py); a base model's value is `base_<name>`.
+KNOWN_METRICS = tuple(METRICS.evaluated_names())
 DECODE_PROMPT_TOKENS = 16  # a short prompt: what is timed is decoding, not the prompt
-
-
-class LatencySettings(StrictModel):
-    warmup: int = Field(3, ge=0)  # first calls pay for allocation and thread start-up
-    repeats: int = Field(10, ge=1)  # enough for a stable median on a quiet machine
-    batch_size: int = Field(8, ge=1)
-    # causal LMs: greedy tokens generated per timed decode; enough steps for a stable
-    # per-token time, few enough that a repeat stays short on a CPU
-    decode_tokens: int = Field(32, ge=2)
-
-
-class EvaluationSettings(StrictModel):
-    suites: tuple[Suite, ...] = ALL_SUITES
-    batch_size: int = Field(16, ge=1)
-    max_length: int = Field(128, ge=2)
-    top_k: int = Field(5, ge=1)  # neighbours compared by the retrieval-agreement metric
-    latency: LatencySettings = LatencySettings()
 
 
 class EvaluationReport(BaseModel):
@@ -120,17 +91,23 @@ def evaluate(
                 candidate_dir, texts, base_dir=base_dir, batch_size=settings.batch_size,
                 max_length=settings.max_length,
             ))
+    task_tags: dict[str, str] = {}
+    if settings.tasks:  # labelled task accuracy (evaluation/task_accuracy.py)
+        tell(f"evaluating {len(settings.tasks)} task(s) on base and candidate")
+        task_metrics, task_tags = _tasks(base, candidate, settings)
+        metrics |= task_metrics
     if "latency" in settings.suites:
         tell("measuring latency (base and candidate interleaved)")
         metrics |= _latency(base, candidate, texts, settings)
         metrics["speedup"] = metrics["base_latency_p50_ms"] / metrics["latency_p50_ms"]
-        if candidate.kind == "causal-lm":
+        if "decode" in family(candidate.kind).latency:
             tell(f"measuring decode throughput ({settings.latency.decode_tokens} tokens)")
             metrics |= _decode(base, candidate, texts, settings)
             metrics["decode_speedup"] = (
                 metrics["decode_tokens_per_s"] / metrics["base_decode_tokens_per_s"]
             )
     tags = run_tags(base, candidate)  # after the timed loops: the kernels they chose
+    tags |= task_tags  # each task's version and data sha256
     if "size" in settings.suites:
         for prefix, loaded, folder in (("base_", base, base_dir), ("", candidate, candidate_dir)):
             metrics[prefix + "weights_mb"] = weights_bytes(folder) / 2**20
@@ -169,16 +146,37 @@ def embed(loaded: LoadedModel, texts: list[str], settings: EvaluationSettings) -
         ])
 
 
+QualityEvaluator = Callable[[LoadedModel, LoadedModel, list[str], EvaluationSettings],
+                            dict[str, float]]
+
+
 def _quality(
     base: LoadedModel, candidate: LoadedModel, texts: list[str], settings: EvaluationSettings
 ) -> dict[str, float]:
-    if candidate.kind == "encoder":
-        base_emb, cand_emb = embed(base, texts, settings), embed(candidate, texts, settings)
-        return {
-            "fidelity_cosine": fidelity.mean_cosine(base_emb, cand_emb),
-            "fidelity_spearman": fidelity.similarity_spearman(base_emb, cand_emb),
-            "fidelity_topk": fidelity.topk_agreement(base_emb, cand_emb, settings.top_k),
-        }
+    """The quality metrics of the candidate's model family, by the family's evaluator."""
+    name = family(candidate.kind).evaluator
+    if name not in QUALITY_EVALUATORS:
+        raise ValueError(f"model family {candidate.kind!r} names quality evaluator {name!r}; "
+                         f"known evaluators: {', '.join(sorted(QUALITY_EVALUATORS))}")
+    return QUALITY_EVALUATORS[name](base, candidate, texts, settings)
+
+
+def _fidelity_quality(
+    base: LoadedModel, candidate: LoadedModel, texts: list[str], settings: EvaluationSettings
+) -> dict[str, float]:
+    """Agreement of the candidate's embeddings with the base's on the same texts."""
+    base_emb, cand_emb = embed(base, texts, settings), embed(candidate, texts, settings)
+    return {
+        "fidelity_cosine": fidelity.mean_cosine(base_emb, cand_emb),
+        "fidelity_spearman": fidelity.similarity_spearman(base_emb, cand_emb),
+        "fidelity_topk": fidelity.topk_agreement(base_emb, cand_emb, settings.top_k),
+    }
+
+
+def _perplexity_quality(
+    base: LoadedModel, candidate: LoadedModel, texts: list[str], settings: EvaluationSettings
+) -> dict[str, float]:
+    """Perplexity of base and candidate on the same texts, and their ratio."""
     scores = {}
     for prefix, loaded in (("base_", base), ("", candidate)):
         batches = tokenized_batches(
@@ -187,6 +185,30 @@ def _quality(
         scores[prefix + "perplexity"] = perplexity(loaded.model, batches)
     scores["perplexity_ratio"] = scores["perplexity"] / scores["base_perplexity"]
     return scores
+
+
+def _tasks(
+    base: LoadedModel, candidate: LoadedModel, settings: EvaluationSettings
+) -> tuple[dict[str, float], dict[str, str]]:
+    """Every `evaluation.tasks` entry on base (`base_` names) and candidate."""
+    from squeezeflow.evaluation.task_accuracy import check_kinds, run_tasks
+
+    check_kinds(settings.tasks, candidate.kind)  # before minutes of evaluation, not after
+
+    def embed_texts(loaded: LoadedModel, texts: list[str]) -> torch.Tensor:
+        return embed(loaded, texts, settings)
+
+    base_metrics, _ = run_tasks(base, settings.tasks, embed_texts, settings.max_length)
+    metrics, tags = run_tasks(candidate, settings.tasks, embed_texts, settings.max_length)
+    return {"base_" + k: v for k, v in base_metrics.items()} | metrics, tags
+
+
+# Quality evaluators by the name a model family gives (compression/families.py); a new
+# family registers its own here (`QUALITY_EVALUATORS["name"] = function`).
+QUALITY_EVALUATORS: dict[str, QualityEvaluator] = {
+    "fidelity": _fidelity_quality,
+    "perplexity": _perplexity_quality,
+}
 
 
 def _latency(
@@ -210,12 +232,10 @@ def _forward_timer(loaded: LoadedModel, texts: list[str], settings: EvaluationSe
             batch_size=settings.latency.batch_size, max_length=settings.max_length,
         )
     )
-    if loaded.kind == "encoder":
-        def call() -> object:
-            return mean_pooled_embeddings(loaded.model, batch["input_ids"], batch["attention_mask"])
-    else:
-        def call() -> object:
-            return loaded.model(**batch, use_cache=False)
+    forward = family(loaded.kind).forward  # pooled embeddings, or logits without the KV cache
+
+    def call() -> object:
+        return forward(loaded.model, batch)
     return timed(call)
 
 
