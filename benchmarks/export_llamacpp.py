@@ -15,10 +15,10 @@ largest value per matmul, 15 matmuls deep here: we accept a relative logit error
 A wrong weight layout (e.g. q/k rows not permuted to ggml's rotary order) errs by
 tens of percent: the `unpermuted q/k` row measures that control.
 
-Install llama.cpp once (about 10 minutes on 2 cores):
-    CMAKE_ARGS="-DGGML_CUDA=OFF -DGGML_METAL=OFF -DGGML_BLAS=OFF -DGGML_OPENMP=OFF \
-      -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF \
-      -DLLAMA_BUILD_SERVER=OFF" .venv/bin/pip install --target .cache/llamacpp llama-cpp-python==0.3.36
+The first run on a CPU builds llama-cpp-python from PyPI for it (about 10 minutes on
+2 cores) into .cache/llamacpp-<CPU flags hash> (`squeezeflow.testing.llama_cpp_folder`:
+llama.cpp compiles for the building CPU, so each CPU class gets its own build); the slow
+test in tests/compression/test_export_gguf.py uses that build when it exists.
 Run: .venv/bin/python benchmarks/export_llamacpp.py
 """
 
@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -48,9 +50,16 @@ from squeezeflow.compression.data import tokenized_batches
 from squeezeflow.compression.exports import gguf as gguf_export
 from squeezeflow.compression.quantization.gptq.step import GPTQConfig, GPTQStep
 from squeezeflow.compression.runners import run_stage_steps
-from squeezeflow.testing import byte_bpe_tokenizer, tiny_llama, train_causal_lm
+from squeezeflow.testing import (
+    LLAMA_CPP_CMAKE_ARGS,
+    LLAMA_CPP_PYTHON,
+    byte_bpe_tokenizer,
+    llama_cpp_folder,
+    tiny_llama,
+    train_causal_lm,
+)
 
-LLAMA_CPP = Path(__file__).resolve().parents[1] / ".cache" / "llamacpp"
+LLAMA_CPP = llama_cpp_folder(Path(__file__).resolve().parents[1])
 MAX_REL_ERROR = 0.03  # see the module docstring: int8 activations in llama.cpp's Q4_0 product
 MIN_TOP1 = 0.95
 PROMPT = " ".join(sampledata.sentences(3, seed=99))
@@ -143,8 +152,21 @@ def run_case(case: str, folder: Path) -> dict[str, Any]:
             "figures": figures, "rows": rows}
 
 
+def build_llama_cpp() -> None:
+    """Compile llama-cpp-python for this CPU into LLAMA_CPP, unless it is there."""
+    if (LLAMA_CPP / "llama_cpp").is_dir():
+        return
+    print(f"building {LLAMA_CPP_PYTHON} for this CPU into {LLAMA_CPP} (about 10 minutes)", flush=True)
+    partial = LLAMA_CPP.with_name(LLAMA_CPP.name + ".partial")
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--target", str(partial),
+                    LLAMA_CPP_PYTHON], check=True,
+                   env={**os.environ, "CMAKE_ARGS": LLAMA_CPP_CMAKE_ARGS})
+    partial.replace(LLAMA_CPP)  # a killed build leaves only the .partial folder
+
+
 def main() -> None:
     logging.basicConfig(level=logging.WARNING)
+    build_llama_cpp()
     start = time.perf_counter()
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as folder:

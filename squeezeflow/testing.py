@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 from pathlib import Path
 
@@ -193,3 +194,24 @@ def byte_bpe_tokenizer(vocab_size: int = 512, seed: int = 0) -> PreTrainedTokeni
     )
     return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>",
                                    eos_token="</s>")
+
+
+LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"
+# CPU-only, no BLAS/OpenMP, library only: what the GGUF checks load (about 10 minutes on 2 cores)
+LLAMA_CPP_CMAKE_ARGS = (
+    "-DGGML_CUDA=OFF -DGGML_METAL=OFF -DGGML_BLAS=OFF -DGGML_OPENMP=OFF -DLLAMA_BUILD_TESTS=OFF "
+    "-DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF"
+)
+
+
+def llama_cpp_folder(repo: Path) -> Path:
+    """Where llama-cpp-python is built for this CPU: `.cache/llamacpp-<flags hash>`.
+
+    llama.cpp compiles for the building CPU's instruction set (GGML_NATIVE), so a build
+    made on a machine with AVX512 or AMX dies with SIGILL on one without: each CPU
+    (its /proc/cpuinfo flags) gets its own folder, and a folder built elsewhere is not used.
+    """
+    flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("flags")), "unknown")
+    digest = hashlib.sha256(" ".join(sorted(flags.split(":", 1)[-1].split())).encode()).hexdigest()
+    return repo / ".cache" / f"llamacpp-{digest[:12]}"

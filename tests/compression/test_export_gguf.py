@@ -20,7 +20,7 @@ from squeezeflow.compression.quantization.gptq.step import GPTQConfig, GPTQStep
 from squeezeflow.compression.quantization.qweight import current_quantized
 from squeezeflow.compression.quantization.rtn.step import RTNConfig, RTNStep
 from squeezeflow.compression.runners import run_stage_steps
-from squeezeflow.testing import byte_bpe_tokenizer, tiny_llama
+from squeezeflow.testing import byte_bpe_tokenizer, llama_cpp_folder, tiny_llama
 
 gguf = pytest.importorskip("gguf")
 
@@ -194,13 +194,13 @@ def test_qwen2_keeps_rotary_rows_biases_and_tied_head(tmp_path: Path) -> None:
         assert torch.equal(torch.from_numpy(np.asarray(bias.data).copy()), module.bias.detach())
 
 
-LLAMA_CPP = Path(__file__).resolve().parents[2] / ".cache" / "llamacpp"
+LLAMA_CPP = llama_cpp_folder(Path(__file__).resolve().parents[2])  # this CPU's build
 
 
 @pytest.mark.slow
 def test_llama_cpp_logits_match_the_packed_model(tmp_path: Path) -> None:
     """llama.cpp loads the export and its logits match our packed runtime's (tolerance and
-    its reason: benchmarks/export_llamacpp.py, which also builds .cache/llamacpp)."""
+    its reason: benchmarks/export_llamacpp.py, which also builds llama.cpp for this CPU)."""
     import sys
 
     if not (LLAMA_CPP / "llama_cpp").is_dir():

@@ -66,7 +66,8 @@ def registered(tmp_path_factory: pytest.TempPathFactory, mlflow_template: Path, 
         mlflow.set_registry_uri(uri)
         from squeezeflow.flows.compress import compress
 
-        result = compress(str(_recipe(folder, trained_llama_dir, text_files, [{"format": "gptq"}])))
+        exports = [{"format": "gptq"}, {"format": "compressed-tensors"}]
+        result = compress(str(_recipe(folder, trained_llama_dir, text_files, exports)))
         yield {"version": result.registered.version, "run_id": result.registered.run_id,
                "model_dir": result.model_dir, "folder": str(folder), "base_dir": str(trained_llama_dir)}
 
@@ -208,23 +209,48 @@ def test_recipe_export_lands_as_artifacts_and_tags(registered: dict[str, str], t
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("export_format", ["gptq", "compressed-tensors"])
 def test_cli_export_of_a_registered_version_records_its_digest(registered: dict[str, str],
-                                                               tmp_path: Path) -> None:
+                                                               tmp_path: Path, export_format: str) -> None:
     from mlflow import MlflowClient
 
     client = MlflowClient()
-    by_recipe = client.get_model_version(MODEL, registered["version"]).tags[GPTQ_TAG]
-    client.delete_model_version_tag(MODEL, registered["version"], GPTQ_TAG)  # recorded anew below
-    out = tmp_path / "gptq"
+    tag = f"squeezeflow.export.{export_format}.sha256"
+    by_recipe = client.get_model_version(MODEL, registered["version"]).tags[tag]
+    client.delete_model_version_tag(MODEL, registered["version"], tag)  # recorded anew below
+    out = tmp_path / export_format
     result = CliRunner().invoke(app, ["export", f"models:/{MODEL}/{registered['version']}",
-                                      "--format", "gptq", "--out", str(out)])
+                                      "--format", export_format, "--out", str(out)])
     assert result.exit_code == 0, result.output
     digest = verify_folder(out)
-    assert client.get_model_version(MODEL, registered["version"]).tags[GPTQ_TAG] == digest
+    assert client.get_model_version(MODEL, registered["version"]).tags[tag] == digest
     assert digest == by_recipe  # one version, one export digest, wherever it was unpacked
     assert digest in result.output
-    logged = {item.path for item in client.list_artifacts(registered["run_id"], "exports/gptq")}
-    assert "exports/gptq/model.safetensors" in logged
+    logged = {item.path for item in client.list_artifacts(registered["run_id"], f"exports/{export_format}")}
+    assert f"exports/{export_format}/model.safetensors" in logged
+
+
+def test_cli_exports_a_folder_to_gguf_with_exact_q4_0(tmp_path: Path) -> None:
+    """`squeeze export DIR --format gguf` on a 4-bit g32 symmetric Llama with a byte-level
+    BPE tokenizer: every Linear lands as Q4_0 with the codes it had."""
+    import gguf
+
+    from squeezeflow.compression.artifact import save_compressed
+    from squeezeflow.compression.quantization.rtn.step import RTNConfig, RTNStep
+    from squeezeflow.compression.runners import run_stage_steps
+    from squeezeflow.testing import byte_bpe_tokenizer, tiny_llama
+
+    model, tokenizer = tiny_llama(tokenizer=byte_bpe_tokenizer(vocab_size=384))
+    run_stage_steps(model, [RTNStep(RTNConfig(bits=4, group_size=32, symmetric=True))], [])
+    source = save_compressed(model, tokenizer, "causal-lm", tmp_path / "source")
+    result = CliRunner().invoke(app, ["export", str(source), "--format", "gguf", "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert verify_folder(tmp_path / "out") in result.output
+    [written] = list((tmp_path / "out").glob("*.gguf"))
+    types = {t.name: t.tensor_type for t in gguf.GGUFReader(written).tensors}
+    linears = [name for name in types if name.startswith("blk.") and name.endswith(".weight")
+               and ("attn_" in name or "ffn_" in name) and "norm" not in name]
+    assert len(linears) == 14 and {types[n] for n in linears} == {gguf.GGMLQuantizationType.Q4_0}
 
 
 @pytest.mark.slow
