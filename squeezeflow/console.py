@@ -47,6 +47,7 @@ QUIET_ENVIRONMENT = {
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",  # one bar per downloaded file otherwise
     "MLFLOW_CONFIGURE_LOGGING": "false",  # MLflow's records go where ours go (file or -v)
     "PREFECT_LOGGING_LEVEL": "WARNING",  # flow/task run boilerplate at INFO
+    "TQDM_DISABLE": "1",  # lm-eval's and the hub's per-request bars; ours are rich bars
 }
 VERBOSE_ENVIRONMENT = {
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
