@@ -246,3 +246,12 @@ def test_task_accuracy_gate_blocks_a_two_bit_version(
     for name in (f"task_{TASK}_acc_stderr", f"base_task_{TASK}_acc_stderr"):
         assert 0.0 <= metrics[name] < 0.1, name
     assert run.data.tags[f"squeezeflow.task_{TASK}_version"] == "2.0"
+
+
+def test_the_bundled_task_reads_only_local_files() -> None:
+    """recipes/tasks/sentence_endings, the example the README points at, passes the same
+    check a recipe's task gets: its YAML names the task, its data is local, it parses."""
+    folder = Path(__file__).resolve().parents[2] / "recipes" / "tasks" / "sentence_endings"
+    assert check_task(LmEvalTask(name="sentence_endings", path=str(folder))) == []
+    items = [json.loads(line) for line in (folder / "items.jsonl").read_text().splitlines() if line]
+    assert len(items) >= 10 and all(0 <= item["answer"] < len(item["choices"]) for item in items)
