@@ -53,7 +53,32 @@ def compress(recipe_path: str, use_cache: bool = True) -> CompressResult:
     return compress_recipe(recipe, use_cache=use_cache)
 
 
+class Measured(BaseModel):
+    """A candidate built and evaluated, not registered: what registering it needs."""
+
+    record: RunRecord
+    stages: list[StageResult]
+
+    @property
+    def cache_hits(self) -> int:
+        return sum(stage.reused for stage in self.stages)
+
+
 def compress_recipe(recipe: Recipe, use_cache: bool = True) -> CompressResult:
+    measured = measure_recipe(recipe, use_cache=use_cache)
+    record = measured.record
+    # retried inside (registry.runs.RetryPolicy, $SQUEEZEFLOW_REGISTRY_RETRY_DELAYS) on
+    # one parent run; a task-level retry on top would multiply the attempts
+    registered = register(record)
+    publish_report(record, registered)
+    return CompressResult(
+        registered=registered, metrics=record.metrics, stages=measured.stages, model_dir=record.model_dir
+    )
+
+
+def measure_recipe(recipe: Recipe, use_cache: bool = True) -> Measured:
+    """Build the candidate stage by stage and evaluate it against the base; a search's
+    trial stops here (only its best trial is registered)."""
     model = recipe.model.pinned()  # a hub id's revision -> the commit it names now (one commit per run)
     base = materialize_model(model, recipe.registration.tracking_uri)
     calibration = (
@@ -92,7 +117,7 @@ def compress_recipe(recipe: Recipe, use_cache: bool = True) -> CompressResult:
         data_sha256["training"] = training_data.sha256
     record = RunRecord(
         recipe_name=recipe.name,
-        recipe=recipe.model_dump(mode="json"),
+        recipe=recipe.as_mapping(),
         recipe_sha256=recipe.sha256(),
         model_name=recipe.registration.model_name,
         experiment=recipe.registration.experiment,
@@ -117,10 +142,4 @@ def compress_recipe(recipe: Recipe, use_cache: bool = True) -> CompressResult:
         evaluation_tags=report.tags,
         exports=exports,
     )
-    # retried inside (registry.runs.RetryPolicy, $SQUEEZEFLOW_REGISTRY_RETRY_DELAYS) on
-    # one parent run; a task-level retry on top would multiply the attempts
-    registered = register(record)
-    publish_report(record, registered)
-    return CompressResult(
-        registered=registered, metrics=report.metrics, stages=stages, model_dir=current.path
-    )
+    return Measured(record=record, stages=stages)

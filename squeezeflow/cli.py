@@ -53,6 +53,14 @@ def validate(
         kinds = ", ".join(step.kind for step in stage.steps)
         console.print(f"  stage [bold]{stage.name}[/]: {kinds}")
     console.print(f"  recipe sha256 {recipe.sha256()[:16]}")
+    from squeezeflow.cli_preflight import memory_lines
+
+    for line in memory_lines(recipe):
+        console.print(f"  {line}", highlight=False, soft_wrap=True)
+    if recipe.search is not None:
+        from squeezeflow.cli_search import describe_space
+
+        console.print(f"  {describe_space(recipe.search)}", highlight=False)
 
 
 @app.command()
@@ -67,6 +75,14 @@ def run(
     no_cache: Annotated[
         bool, typer.Option("--no-cache", help="recompute every stage, even unchanged ones")
     ] = False,
+    memory_limit: Annotated[str | None, typer.Option(
+        "--memory-limit", envvar="SQUEEZEFLOW_MEMORY_LIMIT",
+        help="refuse to start when a phase's estimated peak exceeds this (e.g. 8GB); "
+             "default: what the machine has available",
+    )] = None,
+    no_preflight: Annotated[bool, typer.Option(
+        "--no-preflight", help="skip the memory estimate before anything loads"
+    )] = False,
 ) -> None:
     """Run a recipe: compress, evaluate against the base, register the version.
 
@@ -84,6 +100,13 @@ def run(
     )
 
     recipe = _load_or_exit(recipe_path)
+    if recipe.search is not None:
+        errors.print(f"{recipe_path} has a 'search' section: run it with `squeeze search {recipe_path}`")
+        raise typer.Exit(EXIT_INVALID)
+    if not no_preflight:  # before anything loads or is logged
+        from squeezeflow.cli_preflight import preflight_or_exit
+
+        preflight_or_exit(recipe, memory_limit, errors)
     quiet_environment(verbose)
     apply_defaults()
     # flows.compress (prefect) is imported before the display takes over stderr:
@@ -134,8 +157,9 @@ def list_versions(
     if not rows:
         console.print("no registered versions")
         return
-    table = Table("model", "v", "aliases", "gate", "quality", "ratio", "speedup", "MB")
+    table = Table("model", "v", "aliases", "gate", "quality", "ratio", "speedup", "MB", "search")
     table.columns[0].no_wrap = True
+    table.columns[-1].min_width = 8  # the search id, never cut
     for row in rows:
         metrics = row["metrics"]
         headline = headline_quality(metrics)  # the family's quality metric (metric table)
@@ -145,6 +169,7 @@ def list_versions(
             row["tags"].get("gate", "-"), quality,
             *(f"{metrics[m]:.2f}" if m in metrics else "-"
               for m in ("compression_ratio", "speedup", "weights_mb")),
+            row["tags"].get("squeezeflow.search", "-")[:8],  # the search's parent run id, short
         )
     console.print(table)
 
@@ -411,6 +436,9 @@ def cache_gc(
 from squeezeflow.cli_export import export as export_command  # noqa: E402
 
 app.command("export")(export_command)
+from squeezeflow.cli_search import search as search_command  # noqa: E402
+
+app.command("search")(search_command)
 
 
 if __name__ == "__main__":

@@ -51,6 +51,7 @@ from squeezeflow.compression.config import (
     StrictModel,
     format_validation_error,
 )
+from squeezeflow.compression.search.spec import SearchSpec
 from squeezeflow.evaluation.gates import Gate, PromotionGates
 from squeezeflow.evaluation.metrics import describe_evaluated, is_evaluated
 from squeezeflow.evaluation.settings import EvaluationSettings
@@ -185,6 +186,7 @@ class Recipe(StrictModel):
     registration: RegistrationSpec
     promotion: PromotionGates = PromotionGates()  # used by `squeeze promote --recipe`
     export: tuple[ExportSpec, ...] = ()  # written after the candidate is built (README "Export")
+    search: SearchSpec | None = None  # `squeeze search` runs its trials (README "Search")
     # what validation could not check and why (the hub could not be reached, ...)
     _warnings: tuple[str, ...] = PrivateAttr(default=())
 
@@ -245,8 +247,13 @@ class Recipe(StrictModel):
                 )
         return self
 
+    def as_mapping(self) -> dict[str, Any]:
+        """The recipe as JSON data; without `search:` when it has none, so a recipe without
+        the section keeps the hash (and logged params) it had before the section existed."""
+        return self.model_dump(mode="json", exclude={"search"} if self.search is None else None)
+
     def sha256(self) -> str:
-        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        canonical = json.dumps(self.as_mapping(), sort_keys=True)
         return hashlib.sha256(canonical.encode()).hexdigest()
 
     def needs_calibration(self) -> bool:
@@ -275,6 +282,8 @@ def parse_recipe(raw: Any, base_dir: Path | None = None, strict: bool = False) -
         recipe = Recipe.model_validate(raw)
     except ValidationError as error:
         raise RecipeError("\n".join([*errors, format_validation_error(error)])) from None
+    if recipe.search is not None:  # the section against the stages it varies
+        errors += recipe.search.check_against([(stage.name, stage.steps) for stage in recipe.stages])
     if errors:
         raise RecipeError("\n".join(errors))
     model_errors, warnings = check_model_inputs(recipe, base_dir)

@@ -29,7 +29,7 @@ import logging
 import math
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -39,6 +39,7 @@ from torch import Tensor, nn
 
 from squeezeflow.compression.config import DEFAULT_IGNORE
 from squeezeflow.compression.quantization.fields import SUPPORTED_BITS
+from squeezeflow.compression.search.spec import SCALE_BITS
 from squeezeflow.compression.step import calibration_tokens, real_tokens
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,6 @@ log = logging.getLogger(__name__)
 Batch = dict[str, Tensor]
 Method = Literal["rtn", "gptq"]
 Measure = Literal["kl", "hessian"]
-SCALE_BITS = 16  # scales are stored as fp16 (compression/quantization/qweight.py)
 MAX_STATES = 200_000  # DP budget cells; above it bytes are grouped into coarser units
 
 
@@ -76,8 +76,9 @@ class Candidate:
         zeros = -(-rows * groups * self.bits // 8)
         return codes + scales + zeros
 
-    def step(self, targets: Sequence[str]) -> dict[str, Any]:
-        return {"kind": self.method, "bits": self.bits, "group_size": self.group_size,
+    def step(self, targets: Sequence[str], template: dict[str, Any] | None = None) -> dict[str, Any]:
+        """This format's step for `targets`; other fields (damp, act_order, ...) from `template`."""
+        return {**(template or {}), "kind": self.method, "bits": self.bits, "group_size": self.group_size,
                 "symmetric": self.symmetric, "targets": list(targets)}
 
     def quantize(self, W: Tensor, Sigma: Tensor | None) -> Tensor:
@@ -128,6 +129,19 @@ class SensitivityTable:
 
     def bytes_of(self, choice: Sequence[int]) -> int:
         return sum(g.stored_bytes(self.candidates[c]) for g, c in zip(self.groups, choice, strict=True))
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain data (measuring is the costly part of planning: a cache keeps this)."""
+        return {"measure": self.measure, "sensitivity": self.sensitivity.tolist(),
+                "groups": [{"layers": list(g.layers), "shapes": [list(s) for s in g.shapes]} for g in self.groups],
+                "candidates": [asdict(c) for c in self.candidates]}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> SensitivityTable:
+        groups = tuple(LayerGroup(tuple(g["layers"]), tuple((int(r), int(c)) for r, c in g["shapes"]))
+                       for g in data["groups"])
+        return cls(groups, tuple(Candidate(**c) for c in data["candidates"]),
+                   torch.tensor(data["sensitivity"], dtype=torch.float64), data["measure"])
 
 
 @dataclass(frozen=True)
@@ -414,16 +428,20 @@ def random_plan(table: SensitivityTable, budget_bits: float, seed: int) -> Plan:
 # ---------------------------------------------------------------- recipe
 
 
-def plan_to_recipe(plan: Plan, base_recipe: dict[str, Any], stage_name: str = "mixed-precision") -> dict[str, Any]:
+def plan_to_recipe(
+    plan: Plan, base_recipe: dict[str, Any], stage_name: str = "mixed-precision",
+    template: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """`base_recipe` with a stage holding one quantization step per format used.
 
     The stage named `stage_name` is replaced if the base has one, else appended. Steps
-    are ordered by bits; their `targets` list exact layer names (disjoint by construction).
+    are ordered by bits; their `targets` list exact layer names (disjoint by construction);
+    their other fields come from `template` (the step the plan replaces).
     """
     by_candidate: dict[int, list[str]] = {}
     for group, c in zip(plan.table.groups, plan.choice, strict=True):
         by_candidate.setdefault(c, []).extend(group.layers)
-    steps = [plan.table.candidates[c].step(by_candidate[c])
+    steps = [plan.table.candidates[c].step(by_candidate[c], template)
              for c in sorted(by_candidate, key=lambda c: (plan.table.candidates[c].bits, c))]
     stage = {"name": stage_name, "steps": steps}
     recipe = dict(base_recipe)
