@@ -115,8 +115,11 @@ def _goals_met(spec: SearchSpec, outcomes: list[TrialOutcome]) -> bool:
 # a deployment runs trials in local processes; run_search picks the runner itself
 @flow(name="search", log_prints=False, task_runner=ProcessPoolTaskRunner())  # type: ignore[arg-type]
 def search(recipe_path: str, workers: int = 2, resume: bool = False,
-           search_id: str | None = None) -> SearchResult:
+           search_id: str | None = None, trial_threads: int | None = None) -> SearchResult:
     """Run the trials of the recipe's `search:` section, at most `workers` at a time.
+
+    `trial_threads`: torch threads per trial (None: torch's default, every core of the
+    worker's machine); on one machine, cores / workers keeps trials off each other's cores.
 
     `resume` continues the latest unfinished search of the recipe (or `search_id`):
     its logged trials are kept, only the missing ones run.
@@ -166,7 +169,7 @@ def search(recipe_path: str, workers: int = 2, resume: bool = False,
                 resumed += 1
                 trials.tell(values, done.metrics)
                 continue
-            in_flight[run_trial.submit(raw, number, values, spec.constraints)] = (number, values)
+            in_flight[run_trial.submit(raw, number, values, spec.constraints, trial_threads)] = (number, values)
         if not in_flight:
             break
         future = next(as_completed(list(in_flight)))
@@ -234,6 +237,9 @@ def run_search(recipe_path: str, cluster: Cluster = "local", workers: int = 2,
     recipe = load_recipe(recipe_path)
     share_servers(recipe.registration.tracking_uri)
     runner = task_runner(cluster, workers, address)
+    # trials on this machine share its cores; a team's scheduler's workers have their own
+    threads = None if address else max(1, (os.cpu_count() or 1) // workers)
     return search.with_options(task_runner=runner)(
-        recipe_path, workers=workers, resume=resume or search_id is not None, search_id=search_id
+        recipe_path, workers=workers, resume=resume or search_id is not None, search_id=search_id,
+        trial_threads=threads,
     )

@@ -22,10 +22,19 @@ from squeezeflow.tasks.refs import workspace
 
 
 @task(name="trial", cache_policy=NONE)
-def run_trial(raw: dict[str, Any], number: int, values: Point, constraints: tuple[Gate, ...]) -> TrialOutcome:
+def run_trial(raw: dict[str, Any], number: int, values: Point, constraints: tuple[Gate, ...],
+              threads: int | None = None) -> TrialOutcome:
     """Build and evaluate one trial recipe without registering it. Stages it shares with
-    earlier trials (same input, same config) are reused from the workspace."""
+    earlier trials (same input, same config) are reused from the workspace.
+
+    `threads`: torch's intra-op threads in this worker; the flow gives each of its N
+    concurrent trials cores / N, so N workers do not each spread over every core."""
+    import torch
+
     from squeezeflow.flows.compress import measure_recipe  # the compress flow's own steps
+
+    if threads is not None:
+        torch.set_num_threads(threads)
 
     start = time.perf_counter()
     measured = measure_recipe(parse_recipe(raw))
