@@ -27,12 +27,12 @@ from __future__ import annotations
 import json
 import logging
 from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 from importlib import import_module
 from pathlib import Path
 from typing import Any, Literal, cast
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoConfig, PreTrainedModel, PreTrainedTokenizerBase
@@ -49,7 +49,7 @@ from squeezeflow.compression.models import (
     model_class,
 )
 from squeezeflow.compression.packed import install_runtime
-from squeezeflow.compression.tensorfile import TensorFile
+from squeezeflow.compression.shards import Shards, is_sharded
 
 log = logging.getLogger(__name__)
 
@@ -82,30 +82,54 @@ def save_compressed(
     model.config.save_pretrained(path)
     tokenizer.save_pretrained(path)
 
+    part = packed_tensors(model)
+    save_file(part.tensors, str(path / WEIGHTS_FILE), metadata={"format": "pt"})
+    write_description(path, kind, part.specs, part.tied, factorized_ranks(model), metadata)
+    write_manifest(path)  # last: it hashes every file written above
+    return path
+
+
+@dataclass
+class PackedPart:
+    """What a model (or one block of it) stores: its tensors, the weight formats' specs
+    of its stored-format Linears and the names tied to a tensor stored once."""
+
+    tensors: dict[str, torch.Tensor]
+    specs: dict[str, dict[str, dict[str, Any]]]
+    tied: dict[str, str]
+
+
+def packed_tensors(module: nn.Module, prefix: str = "") -> PackedPart:
+    """The tensors `save_compressed` writes for `module`, named under `prefix`: every
+    stored-format Linear packed, every other tensor as it is, tied ones once."""
+    def full(name: str) -> str:
+        return f"{prefix}.{name}" if prefix and name else (prefix or name)
+
     tensors: dict[str, torch.Tensor] = {}
     specs: dict[str, dict[str, dict[str, Any]]] = {f.name: {} for f in FORMATS}
     tied: dict[str, str] = {}
     stored_weights: set[str] = set()  # state-dict names a format stores instead
     written: dict[tuple[Any, ...], str] = {}  # storage of each packed tensor written -> its name
-    for linear in stored_linears(model):
+    for linear in stored_linears(module):
         weight_format = linear.format
-        packed = weight_format.tensors(linear.owner, linear.stored)
+        owner = full(linear.owner)
+        packed = weight_format.tensors(owner, linear.stored)
         for key, tensor in packed.items():
             first = written.setdefault(_storage(tensor), key) if tensor.numel() else key
             if first != key:  # held by several layers' stored values (RPS's z): written once
                 tied[key] = first
             else:
                 _add(tensors, {key: tensor})
-        specs[weight_format.name][linear.owner] = weight_format.spec(linear.stored)
+        specs[weight_format.name][owner] = weight_format.spec(linear.stored)
         # the parameters the format stores instead (a Linear's weight; stacked experts' own)
-        stored_weights.update(f"{linear.owner}.{p}" for p in weight_format.parameter_names(linear.stored))
+        stored_weights.update(f"{owner}.{p}" for p in weight_format.parameter_names(linear.stored))
         stored_weights.update(packed)  # a runtime module's own tensors (RPS: z, scale)
         for sharer in linear.sharers:  # a shared quantized weight is stored once, packed
-            tied[f"{sharer}.weight"] = f"{linear.owner}.weight"
-            stored_weights.add(f"{sharer}.weight")
+            tied[f"{full(sharer)}.weight"] = f"{owner}.weight"
+            stored_weights.add(f"{full(sharer)}.weight")
 
     seen_storage: dict[int, str] = {}
-    for name, tensor in model.state_dict().items():
+    for name, tensor in module.state_dict(prefix=f"{prefix}." if prefix else "").items():
         if name in stored_weights:
             continue
         pointer = tensor.data_ptr()
@@ -114,23 +138,30 @@ def save_compressed(
             continue
         seen_storage[pointer] = name
         _add(tensors, {name: tensor.detach().contiguous()})
-    save_file(tensors, str(path / WEIGHTS_FILE), metadata={"format": "pt"})
+    return PackedPart(tensors=tensors, specs=specs, tied=tied)
 
+
+def factorized_ranks(model: nn.Module) -> dict[str, int]:
+    return {name: module.rank for name, module in model.named_modules()
+            if isinstance(module, FactorizedLinear)}
+
+
+def write_description(
+    path: Path, kind: ModelKind, specs: dict[str, dict[str, dict[str, Any]]],
+    tied: dict[str, str], factorized: dict[str, int], metadata: dict[str, Any] | None,
+) -> None:
+    """Write squeezeflow.json, then the manifest over every file of `path` (last)."""
     description = {
         "format": "squeezeflow.packed",
         "version": FORMAT_VERSION,
         "kind": kind,
         **specs,
         "tied": tied,
-        "factorized": {
-            name: module.rank for name, module in model.named_modules()
-            if isinstance(module, FactorizedLinear)
-        },
+        "factorized": factorized,
         "metadata": metadata or {},
     }
     (path / FORMAT_FILE).write_text(json.dumps(description, indent=2, sort_keys=True))
     write_manifest(path)  # last: it hashes every file written above
-    return path
 
 
 def load_compressed(
@@ -165,6 +196,9 @@ def load_compressed(
     specs = _format_specs(description, path / FORMAT_FILE)
     not_read: frozenset[str] = frozenset()  # tensors a memory budget leaves on disk
     if memory_budget_mb is not None:
+        if is_sharded(path):
+            raise ValueError(f"{path}: a memory budget needs a single {WEIGHTS_FILE}, "
+                             "and this folder is sharded")
         specs, not_read = fit_memory_budget(specs, path / WEIGHTS_FILE, memory_budget_mb)
     kind: ModelKind = description["kind"]
     config = AutoConfig.from_pretrained(path)
@@ -192,9 +226,8 @@ def load_compressed(
     # are read into their own buffers (`stored`) since they are unpacked anyway; plain
     # tensors stay memory-mapped (`mapped`), so only the pages a model touches (the
     # embedding rows of the tokens it sees) become resident, as with from_pretrained.
-    with TensorFile(path / WEIGHTS_FILE) as stored, \
-            safe_open(str(path / WEIGHTS_FILE), framework="pt") as mapped:
-        names = set(stored.keys()) - not_read
+    with Shards(path) as weights:
+        names = set(weights.keys()) - not_read
 
         def assign(name: str, value: torch.Tensor) -> None:
             if name not in params:
@@ -221,7 +254,7 @@ def load_compressed(
                 if source not in names:
                     return None
                 names.discard(source)
-                tensor: torch.Tensor = stored.get_tensor(source)
+                tensor: torch.Tensor = weights.read(source)
                 if source in tied_sources:
                     shared_reads[source] = tensor
                 return tensor
@@ -237,7 +270,7 @@ def load_compressed(
                 source = tied.get(key, key)
                 if source in names:
                     names.discard(source)
-                    assign(source, mapped.get_tensor(source))
+                    assign(source, weights.mapped(source))
                 if source != key:
                     _tie(model, params, key, source)
                     loaded.add(key)
@@ -263,7 +296,7 @@ def load_compressed(
                     weight_format.attach(modules[module_name], value)
         _one_parameter_per_storage([model.get_submodule(name) for name in sorted(installed)])
         for name in sorted(names):
-            assign(name, mapped.get_tensor(name))
+            assign(name, weights.mapped(name))
     for name, source in tied.items():
         if name in loaded:
             continue  # tied already (packed runtime: biases, shared packed weights)

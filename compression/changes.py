@@ -60,7 +60,13 @@ def require_change(stage: str, baseline: StageBaseline, model: nn.Module) -> Non
     """Raise UnchangedStageError when `model` is exactly what the stage started from."""
     if model_digests(model) != baseline.digests:
         return
-    empty = [(i, config) for i, (config, count) in enumerate(baseline.selected) if count == 0]
+    raise unchanged_error(stage, list(baseline.selected))
+
+
+def unchanged_error(stage: str, selected: list[tuple[StepConfig, int]]) -> UnchangedStageError:
+    """The error for a stage that changed nothing; `selected`: (step config, modules it
+    selected), so that a step whose globs matched nothing is named."""
+    empty = [(i, config) for i, (config, count) in enumerate(selected) if count == 0]
     if empty:
         reasons = "; ".join(
             f"steps.{i} ({config.kind}) selected no module: targets {list(config.targets)}, "
@@ -69,7 +75,7 @@ def require_change(stage: str, baseline: StageBaseline, model: nn.Module) -> Non
         )
     else:
         reasons = "its steps left every weight as it was"
-    raise UnchangedStageError(
+    return UnchangedStageError(
         f"stage {stage} changed nothing ({reasons}); fix its targets/ignore globs or its "
         "settings: an unchanged model is not registered as compressed"
     )

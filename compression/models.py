@@ -66,11 +66,14 @@ def model_class(kind: ModelKind) -> Any:  # an Auto* class: from_pretrained / fr
     return family(kind).model_class()
 
 
-def skeleton(config: PretrainedConfig, kind: ModelKind | None = None) -> PreTrainedModel:
+def skeleton(
+    config: PretrainedConfig, kind: ModelKind | None = None, dtype: torch.dtype | None = None
+) -> PreTrainedModel:
     """The model `config` describes, built on the meta device: its modules and their
     names without any weights (measured: 0.18 s and no memory for a 7B Llama config)."""
+    options = {"dtype": dtype} if dtype is not None else {}
     with torch.device("meta"):
-        model: PreTrainedModel = model_class(kind or detect_kind(config)).from_config(config)
+        model: PreTrainedModel = model_class(kind or detect_kind(config)).from_config(config, **options)
     return model
 
 

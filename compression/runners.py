@@ -134,7 +134,7 @@ def run_layerwise(
             step_reports.append(step.apply(modules))  # exact fp32: apply does the math
         # The next block sees what this compressed block produces.
         with calibration_matmuls(bf16):
-            inputs = [((_hidden(block(*args, **kwargs)), *args[1:]), kwargs)
+            inputs = [((hidden_of(block(*args, **kwargs)), *args[1:]), kwargs)
                       for args, kwargs in inputs]
         _tell(progress, f"block {index + 1}/{len(blocks)} done")
         advance("calibration blocks", index + 1, len(blocks))
@@ -199,7 +199,7 @@ def capture_block_inputs(
     return captured
 
 
-def _hidden(output: Any) -> torch.Tensor:
+def hidden_of(output: Any) -> torch.Tensor:
     return output[0] if isinstance(output, tuple | list) else output
 
 

@@ -48,6 +48,10 @@ class TensorFile:
     def keys(self) -> list[str]:
         return list(self._entries)
 
+    def entry(self, name: str) -> dict[str, object]:
+        """The header entry of `name`: its dtype, shape and data offsets."""
+        return dict(self._entries[name])
+
     def get_tensor(self, name: str) -> torch.Tensor:
         entry = self._entries[name]
         dtype_name, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]

@@ -1,0 +1,154 @@
+"""A model folder's weights as one or several safetensors files (Hugging Face layout).
+
+A folder holds either `model.safetensors` or shards `model-00001-of-000NN.safetensors`
+and `model.safetensors.index.json` ({"metadata": {"total_size": bytes}, "weight_map":
+{tensor name: shard file}}), as `save_pretrained` writes big checkpoints. `Shards`
+reads either layout tensor by tensor; `ShardWriter` writes the sharded one, one shard
+at a time (the streaming executor writes one shard per block, so a block's tensors
+are released as soon as they are on disk).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from squeezeflow.compression.tensorfile import TensorFile
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def shard_name(index: int, count: int) -> str:
+    """The Hugging Face name of shard `index` (0-based) of `count`."""
+    return f"model-{index + 1:05d}-of-{count:05d}.safetensors"
+
+
+def weight_map(folder: Path) -> dict[str, str]:
+    """{tensor name: file name} of the weights in `folder` (single file or sharded)."""
+    folder = Path(folder)
+    if (folder / INDEX_FILE).exists():
+        mapping: dict[str, str] = json.loads((folder / INDEX_FILE).read_text())["weight_map"]
+        return dict(mapping)
+    if (folder / SINGLE_FILE).exists():
+        with TensorFile(folder / SINGLE_FILE) as stored:
+            return dict.fromkeys(stored.keys(), SINGLE_FILE)
+    raise FileNotFoundError(f"{folder}: no {SINGLE_FILE} and no {INDEX_FILE}")
+
+
+def is_sharded(folder: Path) -> bool:
+    return (Path(folder) / INDEX_FILE).exists()
+
+
+def stored_header(path: Path) -> dict[str, dict[str, Any]]:
+    """{tensor name: {dtype, shape, data_offsets}} of one safetensors file, without its data."""
+    with TensorFile(path) as stored:
+        return {name: stored.entry(name) for name in stored.keys()}
+
+
+class Shards:
+    """`with Shards(folder) as weights: weights.keys(); weights.read(name); weights.mapped(name)`.
+
+    `read` copies a tensor into its own buffer (what a model keeps); `mapped` returns
+    it memory-mapped (pages become resident only where touched: embedding rows).
+    Files are opened when first needed and closed on exit.
+    """
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        self._map = weight_map(self.folder)
+        self._files: dict[str, TensorFile] = {}
+        self._mapped: dict[str, Any] = {}
+
+    def keys(self) -> list[str]:
+        return list(self._map)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._map
+
+    def files(self) -> list[Path]:
+        return [self.folder / name for name in sorted(set(self._map.values()))]
+
+    def read(self, name: str) -> torch.Tensor:
+        file = self._map[name]
+        if file not in self._files:
+            self._files[file] = TensorFile(self.folder / file)
+        return self._files[file].get_tensor(name)
+
+    def mapped(self, name: str) -> torch.Tensor:
+        file = self._map[name]
+        if file not in self._mapped:
+            self._mapped[file] = safe_open(str(self.folder / file), framework="pt").__enter__()
+        tensor: torch.Tensor = self._mapped[file].get_tensor(name)
+        return tensor
+
+    def close(self) -> None:
+        for opened in self._files.values():
+            opened.close()
+        for handle in self._mapped.values():
+            handle.__exit__(None, None, None)
+        self._files.clear()
+        self._mapped.clear()
+
+    def __enter__(self) -> Shards:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+class ShardWriter:
+    """Writes `count` shards into `folder`, each whole or not at all (temp name + rename).
+
+    A shard already in the folder (written before a crash) is kept and counted: the
+    index lists every tensor of every shard when `finish` writes it.
+    """
+
+    def __init__(self, folder: Path, count: int) -> None:
+        self.folder = Path(folder)
+        self.count = count
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+    def path(self, index: int) -> Path:
+        return self.folder / shard_name(index, self.count)
+
+    def written(self, index: int) -> bool:
+        return self.path(index).exists()
+
+    def write(self, index: int, tensors: dict[str, torch.Tensor]) -> Path:
+        target = self.path(index)
+        partial = target.with_name(f".{target.name}.partial")
+        save_file({name: t.detach().contiguous().cpu() for name, t in tensors.items()},
+                  str(partial), metadata={"format": "pt"})
+        os.replace(partial, target)
+        return target
+
+    def shards(self) -> Iterator[Path]:
+        return (self.path(index) for index in range(self.count))
+
+    def finish(self) -> dict[str, str]:
+        """Write the index of every shard; every shard must have been written."""
+        mapping: dict[str, str] = {}
+        total = 0
+        for path in self.shards():
+            if not path.exists():
+                raise FileNotFoundError(f"{path.name} was never written")
+            for name, entry in stored_header(path).items():
+                if name in mapping:
+                    raise ValueError(f"tensor {name} is in {mapping[name]} and {path.name}")
+                mapping[name] = path.name
+                begin, end = entry["data_offsets"]
+                total += int(end) - int(begin)
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(mapping.items()))}
+        (self.folder / INDEX_FILE).write_text(json.dumps(index, indent=2))
+        return mapping
