@@ -19,9 +19,8 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
-from squeezeflow.compression.tensorfile import TensorFile
+from squeezeflow.compression.tensorfile import DTYPES, TensorFile
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -126,12 +125,7 @@ class ShardWriter:
         return self.path(index).exists()
 
     def write(self, index: int, tensors: dict[str, torch.Tensor]) -> Path:
-        target = self.path(index)
-        partial = target.with_name(f".{target.name}.partial")
-        save_file({name: t.detach().contiguous().cpu() for name, t in tensors.items()},
-                  str(partial), metadata={"format": "pt"})
-        os.replace(partial, target)
-        return target
+        return write_tensors(self.path(index), tensors)
 
     def shards(self) -> Iterator[Path]:
         return (self.path(index) for index in range(self.count))
@@ -152,3 +146,88 @@ class ShardWriter:
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(mapping.items()))}
         (self.folder / INDEX_FILE).write_text(json.dumps(index, indent=2))
         return mapping
+
+
+_DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+
+
+def write_tensors(target: Path, tensors: dict[str, torch.Tensor]) -> Path:
+    """Write `tensors` as one safetensors file, whole or not at all (temp name + rename).
+
+    Each tensor's bytes go straight from its memory to the file: unlike
+    `safetensors.torch.save_file`, which first copies every tensor into `bytes`, this
+    needs no second copy of what it writes (the calibration activations a streamed
+    stage keeps for resuming are hundreds of MB)."""
+    ordered = sorted(tensors.items(), key=lambda item: (-item[1].element_size(), item[0]))
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, tensor in ordered:
+        if tensor.dtype not in _DTYPE_NAMES:
+            raise ValueError(f"{name}: dtype {tensor.dtype} cannot be written")
+        nbytes = tensor.numel() * tensor.element_size()
+        header[name] = {"dtype": _DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape),
+                        "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    partial = target.with_name(f".{target.name}.partial")
+    with open(partial, "wb") as out:
+        out.write(len(encoded).to_bytes(8, "little"))
+        out.write(encoded)
+        for _, tensor in ordered:
+            data = tensor.detach().cpu().contiguous()
+            if data.numel():
+                out.write(data.reshape(-1).view(torch.uint8).numpy().data)
+    os.replace(partial, target)
+    return target
+
+
+MERGE_LIMIT_BYTES = 5 * 1000**3  # outputs up to this size become one file (HF's former shard size)
+_ITEM_BYTES = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2,
+               "I8": 1, "U8": 1, "BOOL": 1}
+
+
+def merge_shards(shards: list[Path], target: Path) -> Path:
+    """Write the tensors of `shards` as one safetensors file `target`, copying their bytes
+    file to file (memory: a copy buffer, whatever the size). Tensors are ordered by item
+    size, largest first, so each one starts aligned to its dtype, as safetensors writes."""
+    entries: list[tuple[str, Path, dict[str, Any], int]] = []  # name, shard, entry, data start
+    for shard in shards:
+        with TensorFile(shard) as stored:
+            start = stored.data_start
+            entries.extend((name, shard, stored.entry(name), start) for name in stored.keys())
+    names = [entry[0] for entry in entries]
+    if len(set(names)) != len(names):
+        raise ValueError("a tensor name appears in two shards")
+    entries.sort(key=lambda e: (-_ITEM_BYTES.get(str(e[2]["dtype"]), 1), e[0]))
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, _, entry, _ in entries:
+        begin, end = (int(x) for x in entry["data_offsets"])
+        header[name] = {"dtype": entry["dtype"], "shape": entry["shape"],
+                        "data_offsets": [offset, offset + end - begin]}
+        offset += end - begin
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    partial = target.with_name(f".{target.name}.partial")
+    with open(partial, "wb") as out:
+        out.write(len(encoded).to_bytes(8, "little"))
+        out.write(encoded)
+        opened: dict[Path, Any] = {}
+        try:
+            for _, shard, entry, start in entries:
+                source = opened.get(shard) or opened.setdefault(shard, open(shard, "rb"))  # noqa: SIM115
+                begin, end = (int(x) for x in entry["data_offsets"])
+                source.seek(start + begin)
+                remaining = end - begin
+                while remaining:
+                    chunk = source.read(min(remaining, 64 * 2**20))
+                    if not chunk:
+                        raise ValueError(f"{shard}: truncated")
+                    out.write(chunk)
+                    remaining -= len(chunk)
+        finally:
+            for handle in opened.values():
+                handle.close()
+    os.replace(partial, target)
+    return target

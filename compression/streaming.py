@@ -29,14 +29,14 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoConfig, PreTrainedModel
 
@@ -64,7 +64,14 @@ from squeezeflow.compression.runners import (
     capture_block_inputs,
     hidden_of,
 )
-from squeezeflow.compression.shards import Shards, ShardWriter
+from squeezeflow.compression.shards import (
+    MERGE_LIMIT_BYTES,
+    SINGLE_FILE,
+    Shards,
+    ShardWriter,
+    merge_shards,
+    write_tensors,
+)
 from squeezeflow.compression.step import Step, StepReport, calibration_tokens
 
 log = logging.getLogger(__name__)
@@ -263,10 +270,12 @@ def stream_stage(
     name: str = "stage",
     metadata: dict[str, Any] | None = None,
     progress: Callable[[str], None] | None = None,
+    single_file_bytes: int = MERGE_LIMIT_BYTES,
 ) -> list[StepReport]:
     """Apply `steps` (one stage) to the model folder `source`, block by block, writing
-    the result to `output` (sharded safetensors + index, squeezeflow.json, tokenizer,
-    manifest); one report per step, as `run_stage_steps` returns.
+    the result to `output` (squeezeflow.json, tokenizer, manifest, and the weights: one
+    `model.safetensors` up to `single_file_bytes`, else one shard per block + index);
+    one report per step, as `run_stage_steps` returns.
 
     `work`: where finished blocks are kept until the stage completes, so that a killed
     run resumes at the block it reached (removed once `output` is written); None keeps
@@ -296,16 +305,19 @@ def stream_stage(
         log.info("stage %s: resuming at block %d/%d", name, state.next_block + 1, len(blocks))
     with Shards(source) as weights, torch.no_grad():
         loader = _Loader(model, weights, description)
-        loader.load({n: m for n, m in model.named_modules()
-                     if n != prefix and not n.startswith(f"{prefix}.")})
+        outside = {n: m for n, m in model.named_modules()
+                   if n != prefix and not n.startswith(f"{prefix}.")}
         inputs: Inputs = []
         masks: list[torch.Tensor | None] = []
         if mode != "none" and state.next_block < len(blocks):
+            loader.load(outside)  # the embeddings make the first block's inputs
             inputs = [_to(entry, target) for entry in capture_block_inputs(model, blocks[0], calibration)]
             masks = [_to(batch.get("attention_mask"), target) for batch in calibration]
+            _release(outside.values())  # not needed again until the blocks are done
             if state.next_block:
                 saved = load_file(str(work_folder / INPUTS_FILE), device=str(target))
-                inputs = [((saved[str(i)], *args[1:]), kwargs) for i, (args, kwargs) in enumerate(inputs)]
+                inputs = [((saved.pop(str(i)), *args[1:]), kwargs)
+                          for i, (args, kwargs) in enumerate(inputs)]
         for index in range(state.next_block, len(blocks)):
             block, block_name = blocks[index], f"{prefix}.{index}"
             loader.load({f"{block_name}.{n}" if n else block_name: m for n, m in block.named_modules()})
@@ -320,16 +332,15 @@ def stream_stage(
             state.add(part)
             for step_reports, report in zip(state.reports, reports, strict=True):
                 step_reports.append(report.model_dump())
+            _release(block.modules())
             if inputs:
-                partial = work_folder / f".{INPUTS_FILE}.partial"
-                save_file({str(i): args[0].contiguous() for i, (args, _) in enumerate(inputs)}, str(partial))
-                os.replace(partial, work_folder / INPUTS_FILE)
+                write_tensors(work_folder / INPUTS_FILE, {str(i): args[0] for i, (args, _) in enumerate(inputs)})
             state.next_block = index + 1
             state.save(work_folder)
-            _release(block)
             _tell(progress, f"block {index + 1}/{len(blocks)} done")
             advance("calibration blocks" if mode != "none" else "blocks", index + 1, len(blocks))
         del inputs
+        loader.load(outside)
         outside_reports = _run_outside(model, prefix, steps, mode)
         if not (state.changed or outside_reports):
             raise unchanged_error(name, [(step.config, len(step.select(model))) for step in steps])
@@ -338,9 +349,13 @@ def stream_stage(
         writer.write(len(blocks), part.tensors)
         state.add(part)
     output.mkdir(parents=True, exist_ok=True)
-    for shard in writer.shards():
-        os.replace(shard, output / shard.name)
-    ShardWriter(output, len(blocks) + 1).finish()
+    shards = list(writer.shards())
+    if sum(shard.stat().st_size for shard in shards) <= single_file_bytes:
+        merge_shards(shards, output / SINGLE_FILE)  # what smaller HF checkpoints look like
+    else:
+        for shard in shards:
+            os.replace(shard, output / shard.name)
+        ShardWriter(output, len(blocks) + 1).finish()
     config.save_pretrained(output)
     load_tokenizer(source).save_pretrained(output)
     shutil.rmtree(work_folder, ignore_errors=True)
@@ -358,22 +373,21 @@ def _run_block(
     """Compress one block; return each step's report and the next block's inputs."""
     selected = [step.select(block, block_name) for step in steps]
     bf16 = all(step.calibration_precision == "bf16" for step in steps)
-    following: Inputs = []
     if mode != "none":
         with ExitStack() as observers, calibration_matmuls(bf16):
             for step, modules in zip(steps, selected, strict=True):
                 observers.enter_context(step.observe(modules))
-            for (args, kwargs), mask in zip(inputs, masks, strict=True):
+            for index, ((args, kwargs), mask) in enumerate(zip(inputs, masks, strict=True)):
                 with calibration_tokens(mask):
                     output = block(*args, **kwargs)
-                if mode == "calibration" and not last:  # what the uncompressed block gives
-                    following.append(((hidden_of(output), *args[1:]), kwargs))
+                if mode == "calibration":  # the next block sees what the uncompressed one gives
+                    inputs[index] = ((hidden_of(output), *args[1:]), kwargs)  # one copy alive
     reports = [step.apply(modules) for step, modules in zip(steps, selected, strict=True)]
-    if mode == "layerwise" and not last:  # what the compressed block gives
+    if mode == "layerwise" and not last:  # the next block sees what the compressed one gives
         with calibration_matmuls(bf16):
-            following = [((hidden_of(block(*args, **kwargs)), *args[1:]), kwargs)
-                         for args, kwargs in inputs]
-    return reports, following
+            for index, (args, kwargs) in enumerate(inputs):
+                inputs[index] = ((hidden_of(block(*args, **kwargs)), *args[1:]), kwargs)
+    return reports, inputs if not last else []
 
 
 def _run_outside(
@@ -412,12 +426,23 @@ def _blocks_removed(model: nn.Module, prefix: str) -> Iterator[None]:
         setattr(parent, attribute, blocks)
 
 
-def _release(block: nn.Module) -> None:
-    """Free a finished block's memory: its tensors back to meta, stored values dropped."""
-    for module in block.modules():
+def _release(modules: Iterable[nn.Module]) -> None:
+    """Free what `modules` hold (their own tensors, not their children's): tensors back to
+    the meta device (a tensor tied in several places stays tied), stored values dropped."""
+    replaced: dict[int, torch.Tensor] = {}
+    for module in modules:
         for attribute in [a for a in vars(module) if a.startswith(STORED_PREFIX)]:
             delattr(module, attribute)
-    block.to("meta")
+        for table in (module._parameters, module._buffers):
+            for attribute, tensor in table.items():
+                if tensor is None or tensor.is_meta:
+                    continue
+                if id(tensor) not in replaced:
+                    meta = torch.empty_like(tensor, device="meta")
+                    replaced[id(tensor)] = (
+                        nn.Parameter(meta, requires_grad=False) if isinstance(tensor, nn.Parameter) else meta
+                    )
+                table[attribute] = replaced[id(tensor)]  # type: ignore[assignment]
 
 
 def _to(value: Any, device: torch.device) -> Any:

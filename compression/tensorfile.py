@@ -48,6 +48,11 @@ class TensorFile:
     def keys(self) -> list[str]:
         return list(self._entries)
 
+    @property
+    def data_start(self) -> int:
+        """Where the tensors' bytes start in the file (after the header)."""
+        return self._data_start
+
     def entry(self, name: str) -> dict[str, object]:
         """The header entry of `name`: its dtype, shape and data offsets."""
         return dict(self._entries[name])

@@ -43,13 +43,15 @@ class CompressResult(BaseModel):
 
 
 @flow(name="compress", log_prints=False)
-def compress(recipe_path: str, use_cache: bool = True) -> CompressResult:
+def compress(recipe_path: str, use_cache: bool = True, device: str | None = None) -> CompressResult:
     """Run the recipe at `recipe_path` and register the compressed model.
 
     Stages whose inputs are unchanged since an earlier run are reused from the
-    workspace unless `use_cache` is False.
+    workspace unless `use_cache` is False. `device` overrides the recipe's.
     """
     recipe = load_recipe(recipe_path)
+    if device is not None:
+        recipe = recipe.model_copy(update={"device": device})
     return compress_recipe(recipe, use_cache=use_cache)
 
 
@@ -101,7 +103,7 @@ def measure_recipe(recipe: Recipe, use_cache: bool = True) -> Measured:
         )
         result = run_stage(
             stage, current, calibration, recipe.calibration, recipe.seed, use_cache=use_cache,
-            training=training,
+            training=training, device=recipe.device,
         )
         stages.append(result)
         current = result.checkpoint

@@ -83,6 +83,10 @@ def run(
     no_preflight: Annotated[bool, typer.Option(
         "--no-preflight", help="skip the memory estimate before anything loads"
     )] = False,
+    device: Annotated[str | None, typer.Option(
+        "--device", help="where streamed stages compute each block: auto, cpu or cuda "
+                         "(default: the recipe's, else auto)",
+    )] = None,
 ) -> None:
     """Run a recipe: compress, evaluate against the base, register the version.
 
@@ -100,6 +104,9 @@ def run(
     )
 
     recipe = _load_or_exit(recipe_path)
+    if device is not None and device not in ("auto", "cpu", "cuda"):
+        errors.print(f"--device must be auto, cpu or cuda, got {device!r}")
+        raise typer.Exit(EXIT_INVALID)
     if recipe.search is not None:
         errors.print(f"{recipe_path} has a 'search' section: run it with `squeeze search {recipe_path}`")
         raise typer.Exit(EXIT_INVALID)
@@ -118,7 +125,7 @@ def run(
     quiet_progress_bars()
     log_file = None if verbose else log_file_for(workspace(), recipe.name)
     with run_display(errors, verbose=verbose, log_file=log_file):
-        result = compress(str(recipe_path), use_cache=not no_cache)
+        result = compress(str(recipe_path), use_cache=not no_cache, device=device)
     gates = check_gates(list(recipe.gates), result.metrics)
     if as_json:
         typer.echo(json_line(run_summary(result, gates)))

@@ -31,7 +31,7 @@ import json
 import logging
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 from pydantic import (
@@ -177,6 +177,9 @@ class Recipe(StrictModel):
     name: str
     description: str = ""
     seed: int = 0
+    # where streamed stages calibrate and compress each block (auto: the GPU if any);
+    # `squeeze run --device` overrides it (README "Models larger than memory")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     model: ModelSpec = ModelSpec()
     calibration: DataSpec | None = None
     training: DataSpec | None = None  # text for steps that train (distill)

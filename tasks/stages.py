@@ -23,10 +23,9 @@ from prefect.cache_policies import NONE
 from pydantic import BaseModel
 from transformers import AutoConfig
 
-from squeezeflow.compression.artifact import load_compressed, save_compressed
 from squeezeflow.compression.catalog import CATALOG
-from squeezeflow.compression.changes import require_change, stage_baseline
 from squeezeflow.compression.data import load_texts, texts_sha256, tokenized_batches
+from squeezeflow.compression.executor import compress_stage
 from squeezeflow.compression.integrity import (
     IntegrityError,
     atomic_folder,
@@ -40,8 +39,7 @@ from squeezeflow.compression.integrity import (
 from squeezeflow.compression.models import detect_kind, load_tokenizer, resolve_source
 from squeezeflow.compression.progress import advance
 from squeezeflow.compression.progress import scope as progress_scope
-from squeezeflow.compression.runners import run_stage_steps
-from squeezeflow.compression.step import Step, TrainingContext
+from squeezeflow.compression.step import TrainingContext
 from squeezeflow.evaluation.gates import Gate, GateResult, check_gates
 from squeezeflow.evaluation.report import comparison_rows
 from squeezeflow.evaluation.suite import EvaluationReport, EvaluationSettings, evaluate
@@ -150,6 +148,7 @@ def run_stage(
     seed: int,
     use_cache: bool = True,
     training: TrainingRef | None = None,
+    device: str = "auto",
 ) -> StageResult:
     """Apply one stage to `source`; the output folder is written whole or not at all.
 
@@ -168,6 +167,8 @@ def run_stage(
     output = checkpoints / key
     with folder_lock(workspace() / "locks" / f"{key}.lock", what=f"stage {stage.name}"):
         remove_leftovers(checkpoints, key)  # partial outputs of killed runs of this stage
+        if not use_cache:  # recompute everything: no block of an earlier run is kept either
+            shutil.rmtree(blocks_folder(key), ignore_errors=True)
         cached = _cached_stage(stage.name, output, source.kind) if use_cache else None
         if cached is not None:
             advance(f"stage {stage.name}", 1, 1, "cached")
@@ -175,7 +176,7 @@ def run_stage(
         advance(f"stage {stage.name}", 0, 1)
         with progress_scope(stage.name):
             result = _compute_stage(stage, source, calibration, calibration_spec, seed, training,
-                                    key, output)
+                                    key, output, device)
         advance(f"stage {stage.name}", 1, 1, f"{result.seconds:.1f} s")
         return result
 
@@ -203,14 +204,11 @@ def _cached_stage(name: str, output: Path, kind: str) -> StageResult | None:
 def _compute_stage(
     stage: StageSpec, source: CheckpointRef, calibration: DataRef | None,
     calibration_spec: DataSpec | None, seed: int, training: TrainingRef | None,
-    key: str, output: Path,
+    key: str, output: Path, device: str = "auto",
 ) -> StageResult:
     start = time.perf_counter()
     torch.manual_seed(seed)
-    steps = [CATALOG.build(config) for config in stage.steps]
-    writer = checkpoint_writer(steps)
-    loaded = None if writer else load_compressed(source.path)
-    tokenizer = loaded.tokenizer if loaded else load_tokenizer(Path(source.path))
+    tokenizer = load_tokenizer(Path(source.path))
     batches = []
     if calibration is not None and calibration_spec is not None:
         batches = list(tokenized_batches(
@@ -229,20 +227,13 @@ def _compute_stage(
             seed=seed,
         )
     with atomic_folder(output) as staging:
-        if writer is not None:  # the step loads, compresses and saves the model itself
-            reports = [writer.write_checkpoint(Path(source.path), batches, staging)]
-            seconds = time.perf_counter() - start
-        else:
-            assert loaded is not None
-            baseline = stage_baseline(loaded.model, stage.steps)
-            reports = run_stage_steps(
-                loaded.model, steps, batches,
-                progress=lambda m: log.info("stage %s: %s", stage.name, m), training=context,
-            )
-            require_change(stage.name, baseline, loaded.model)  # a no-op stage is an error
-            seconds = time.perf_counter() - start
-            save_compressed(loaded.model, loaded.tokenizer, loaded.kind, staging,
-                            metadata={"stage": stage.name, "source_sha256": source.sha256})
+        reports = compress_stage(
+            source.path, stage.steps, staging, calibration=batches, training=context,
+            work=blocks_folder(key), device=device, name=stage.name,
+            metadata={"stage": stage.name, "source_sha256": source.sha256},
+            progress=lambda m: log.info("stage %s: %s", stage.name, m),
+        )
+        seconds = time.perf_counter() - start
         metrics: dict[str, float] = {}
         curves: dict[str, list[tuple[int, float]]] = {}
         for index, report in enumerate(reports):
@@ -263,6 +254,11 @@ def _compute_stage(
         checkpoint=CheckpointRef(path=str(output), sha256=digest, kind=source.kind),
         seconds=seconds, metrics=metrics, reused=False, curves=curves,
     )
+
+
+def blocks_folder(key: str) -> Path:
+    """Where a streamed stage keeps its finished blocks until its output is complete."""
+    return workspace() / "blocks" / key
 
 
 def training_inputs(
@@ -287,17 +283,6 @@ def training_inputs(
     elif source:
         teacher = materialize_model(ModelSpec(source=source), tracking_uri)
     return TrainingRef(data=data, spec=spec, teacher=teacher)
-
-
-def checkpoint_writer(steps: list[Step[Any]]) -> Step[Any] | None:
-    """The stage's step that writes the whole checkpoint itself, if any; it must be alone."""
-    writers = [step for step in steps if step.writes_checkpoint]
-    if writers and len(steps) > 1:
-        raise ValueError(
-            f"{writers[0].config.kind} writes the stage's whole checkpoint and must be "
-            "the only step of its stage"
-        )
-    return writers[0] if writers else None
 
 
 @task(name="evaluate", cache_policy=NONE)

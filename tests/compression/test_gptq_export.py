@@ -147,7 +147,7 @@ def test_gptqmodel_console_output_is_captured_warnings_passed_on_and_shown_on_fa
 
 
 def test_checkpoint_writer_must_be_alone_in_its_stage() -> None:
-    from squeezeflow.tasks.stages import checkpoint_writer
+    from squeezeflow.compression.executor import checkpoint_writer
 
     writer = GPTQStep(GPTQConfig(backend="gptqmodel"))
     assert checkpoint_writer([writer]) is writer
