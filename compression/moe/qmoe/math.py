@@ -86,4 +86,4 @@ def gptq_ternary(
 
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else None
     sweep = gptq_sweep(W, H, round_column, damp=damp, block_size=block_size, perm=perm)
-    return TernaryResult(codes=sweep.codes.to(torch.int8), levels=levels, row_losses=sweep.row_losses)
+    return TernaryResult(codes=sweep.codes.to(torch.int8).contiguous(), levels=levels, row_losses=sweep.row_losses)

@@ -72,14 +72,16 @@ def gptq_quantize(
     block_size: int = 128,
     act_order: bool = False,
     static_groups: bool = False,
+    overwrite: bool = False,
 ) -> GPTQResult:
     """Quantize W: (out, in) given H: (in, in); returns codes on the shared integer grid.
 
     `group_size=None` means one grid per output row. A group size that does not divide
     `in` gives a shorter last group. With `act_order` (and no `static_groups`) the groups
     follow the permuted column order, so `g_idx` of the result is not monotone.
+    `overwrite`: W is the caller's scratch copy (fp32) and may be changed, saving a copy.
     """
-    W = W.detach().to(torch.float32, copy=True)  # W: (out, in)
+    W = W.detach().to(torch.float32, copy=not overwrite)  # W: (out, in)
     H = H.detach().to(torch.float32, copy=True)  # H: (in, in)
     rows, columns = W.shape
     size = columns if group_size is None else min(group_size, columns)
@@ -112,10 +114,10 @@ def gptq_quantize(
 
     # Blocks never straddle a group, so a group's grid is found on fully updated columns.
     block = block_size if upfront else size * max(1, block_size // size)
-    sweep = gptq_sweep(W, H, round_column, damp=damp, block_size=block, perm=perm)
+    sweep = gptq_sweep(W, H, round_column, damp=damp, block_size=block, perm=perm, own_h=True)
     inverse = torch.argsort(order)  # processing order -> original order
     quantized = QuantizedWeight(
-        codes=sweep.codes.to(torch.uint8),
+        codes=sweep.codes.to(torch.uint8).contiguous(),
         scale=scale_t.T.contiguous(),
         zero=zero_t.T.contiguous().to(torch.uint8),
         g_idx=group_of[inverse].to(torch.int64),
@@ -157,6 +159,7 @@ def gptq_sweep(
     damp: float = 0.01,
     block_size: int = 128,
     perm: Tensor | None = None,
+    own_h: bool = False,
 ) -> Sweep:
     """GPTQ's column sweep (Alg. 1) for any grid: `round_column` rounds, the sweep compensates.
 
@@ -168,7 +171,7 @@ def gptq_sweep(
     rows, columns = W.shape
     if perm is not None:
         W, H = W[:, perm], H[perm][:, perm]
-    else:
+    elif not own_h:  # `own_h`: H is the caller's scratch copy, damped in place
         H = H.clone()  # damped below; the caller's H stays as it was
     lam = damp * torch.mean(torch.diag(H))  # keeps H positive definite on rank-deficient X
     H.diagonal().add_(lam)
@@ -178,11 +181,14 @@ def gptq_sweep(
     # steps below run on contiguous vectors, and a block of columns is a view.
     Wt = W.T.contiguous()  # (in, out), updated in place
     codes_t = torch.empty(columns, rows)  # (in, out) processing order, float codes
-    errors_t = torch.empty(columns, rows)  # (in, out) scaled errors (w - q) / d
+    # scaled errors (w - q) / d of the current block only: the memory of one (out, in)
+    # matrix less than keeping them all (GPTQ of an MLP's stacked gate/up rows: 92 MB at 1B)
+    errors_block = torch.empty(min(block_size, columns), rows)
+    row_losses = torch.zeros(rows)
     inverse_d = (1.0 / torch.diagonal(H_inv)).tolist()
     for i1 in range(0, columns, block_size):
         i2 = min(i1 + block_size, columns)
-        W1, C1, E1 = Wt[i1:i2], codes_t[i1:i2], errors_t[i1:i2]  # (B, out) views
+        W1, C1, E1 = Wt[i1:i2], codes_t[i1:i2], errors_block[: i2 - i1]  # (B, out) views
         H_inv1 = H_inv[i1:i2, i1:i2]  # (B, B)
         with _single_thread():  # per-column ops are too small to gain from threads
             for i in range(i2 - i1):
@@ -193,10 +199,12 @@ def gptq_sweep(
                 # OBS update of the block's later columns (the paper's Alg. 1, inner loop)
                 W1[i + 1 :].addr_(H_inv1[i, i + 1 :], e, alpha=-1.0)
         Wt[i2:].addmm_(H_inv[i1:i2, i2:].T, E1, alpha=-1.0)  # lazy update of later columns
-    codes = codes_t.T  # (out, in) processing order
+        row_losses.add_(E1.square().sum(dim=0))
+    del Wt, H_inv
+    codes = codes_t.T  # (out, in) processing order, a view: callers narrow it to their dtype
     if perm is not None:
         codes = codes[:, torch.argsort(perm)]  # back to the original column order
-    return Sweep(codes=codes.contiguous(), row_losses=errors_t.square().sum(dim=0) / 2)
+    return Sweep(codes=codes, row_losses=row_losses / 2)
 
 
 @contextmanager
@@ -215,6 +223,7 @@ def _upper_cholesky_of_inverse(H: Tensor) -> Tensor:
     L = torch.linalg.cholesky(H)  # H = L L^T
     # cholesky_solve against I, not cholesky_inverse: same result, ~10x faster on CPU
     H_inv = torch.cholesky_solve(torch.eye(H.shape[0], dtype=H.dtype), L)  # (in, in)
+    del L  # (in, in) each: at 14336 inputs (an 8B MLP's down_proj) 0.8 GB apiece
     return torch.linalg.cholesky(H_inv, upper=True)
 
 

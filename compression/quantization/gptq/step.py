@@ -114,6 +114,7 @@ class GPTQStep(Step[GPTQConfig]):
                 torch.cat(Ws), hessian.H, self.config.bits, self.config.group_size,
                 self.config.symmetric, damp=self.config.damp, block_size=self.config.block_size,
                 act_order=self.config.act_order, static_groups=self.config.static_groups,
+                overwrite=True,  # torch.cat made W for this call
             )
             start = 0
             for name, W in zip(names, Ws, strict=True):
