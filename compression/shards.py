@@ -168,18 +168,23 @@ def write_tensors(target: Path, tensors: dict[str, torch.Tensor]) -> Path:
         header[name] = {"dtype": _DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape),
                         "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
-    encoded = json.dumps(header, separators=(",", ":")).encode()
-    encoded += b" " * (-len(encoded) % 8)
     partial = target.with_name(f".{target.name}.partial")
     with open(partial, "wb") as out:
-        out.write(len(encoded).to_bytes(8, "little"))
-        out.write(encoded)
+        _write_header(out, header)
         for _, tensor in ordered:
             data = tensor.detach().cpu().contiguous()
             if data.numel():
                 out.write(data.reshape(-1).view(torch.uint8).numpy().data)
     os.replace(partial, target)
     return target
+
+
+def _write_header(out: Any, header: dict[str, Any]) -> None:
+    """The 8-byte length and the JSON header, padded to 8 bytes as safetensors writes it."""
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    out.write(len(encoded).to_bytes(8, "little"))
+    out.write(encoded)
 
 
 MERGE_LIMIT_BYTES = 5 * 1000**3  # outputs up to this size become one file (HF's former shard size)
@@ -207,12 +212,9 @@ def merge_shards(shards: list[Path], target: Path) -> Path:
         header[name] = {"dtype": entry["dtype"], "shape": entry["shape"],
                         "data_offsets": [offset, offset + end - begin]}
         offset += end - begin
-    encoded = json.dumps(header, separators=(",", ":")).encode()
-    encoded += b" " * (-len(encoded) % 8)
     partial = target.with_name(f".{target.name}.partial")
     with open(partial, "wb") as out:
-        out.write(len(encoded).to_bytes(8, "little"))
-        out.write(encoded)
+        _write_header(out, header)
         opened: dict[Path, Any] = {}
         try:
             for _, shard, entry, start in entries:
