@@ -73,9 +73,6 @@ class Shards:
     def __contains__(self, name: object) -> bool:
         return name in self._map
 
-    def files(self) -> list[Path]:
-        return [self.folder / name for name in sorted(set(self._map.values()))]
-
     def read(self, name: str) -> torch.Tensor:
         file = self._map[name]
         if file not in self._files:
@@ -120,9 +117,6 @@ class ShardWriter:
 
     def path(self, index: int) -> Path:
         return self.folder / shard_name(index, self.count)
-
-    def written(self, index: int) -> bool:
-        return self.path(index).exists()
 
     def write(self, index: int, tensors: dict[str, torch.Tensor]) -> Path:
         return write_tensors(self.path(index), tensors)
