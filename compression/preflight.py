@@ -4,8 +4,11 @@ any weights load, from the model's tensor shapes and the recipe's settings.
 The estimate follows what the code holds today (`tasks/stages.py`, `runners.py`,
 `artifact.py`, `evaluation/suite.py`), as an upper bound:
 
-- a stage loads its whole source model in fp32 (4 bytes per parameter, whatever the
-  stored dtype); quantizing steps attach uint8 codes (1 byte per quantized weight);
+- a streamed stage (block-wise steps, `compression/streaming.py`) holds one block in
+  fp32 or the embeddings and head, the calibration inputs once, and one block's
+  Hessians: its estimate does not grow with depth (`_estimate_streamed`);
+- any other stage loads its whole source model in fp32 (4 bytes per parameter, whatever
+  the stored dtype); quantizing steps attach uint8 codes (1 byte per quantized weight);
 - saving serializes every tensor to bytes (safetensors) besides the packed codes, once
   the calibration data and Hessians are freed: the peak holds the larger of the two;
 - the layer-wise runner keeps every calibration batch's block inputs (hidden states,
@@ -122,6 +125,19 @@ class ModelShape:
         return [(name, shape) for name, shape in self.shapes.items()
                 if name.startswith(f"{prefix}.0.") and name.endswith("weight") and len(shape) == 2]
 
+    def block_parameters(self) -> tuple[int, int]:
+        """(parameters of one repeated block, number of blocks); (0, 0) without blocks."""
+        indices: dict[str, set[str]] = {}
+        for name in self.shapes:
+            if match := _BLOCK_NAME.match(name):
+                indices.setdefault(match["prefix"], set()).add(match["index"])
+        if not indices:
+            return 0, 0
+        prefix = max(indices, key=lambda p: len(indices[p]))
+        first = sum(math.prod(shape) for name, shape in self.shapes.items()
+                    if name.startswith(f"{prefix}.0."))
+        return first, len(indices[prefix])
+
     def linears(self) -> list[tuple[str, tuple[int, ...]]]:
         """(name, (out, in)) of every 2-D weight but the embeddings and the head."""
         return [(name, shape) for name, shape in self.shapes.items()
@@ -163,8 +179,11 @@ class PhaseEstimate:
 
 
 def estimate_stage(name: str, steps: Sequence[StepConfig], shape: ModelShape,
-                   calibration: DataSize | None, training: DataSize | None) -> PhaseEstimate:
-    """Peak of one stage run as `tasks/stages.py` runs it: load, steps, save."""
+                   calibration: DataSize | None, training: DataSize | None,
+                   stream: bool | None = None) -> PhaseEstimate:
+    """Peak of one stage run as `compression/executor.py` runs it: streamed block by
+    block when the steps allow it (`stream` None: decide as the executor does from the
+    configs), else load, steps, save."""
     needs = {CATALOG.entry(step.kind).config_cls.needs for step in steps}
     P = shape.parameters
     weights = P * FP32 + shape.disk_bytes  # fp32 copy + the mapped files it was read from
@@ -176,6 +195,10 @@ def estimate_stage(name: str, steps: Sequence[StepConfig], shape: ModelShape,
             hessians=0, optimizer=P * FP32 * (1 + ADAM_STATES) + teacher,  # grads + moments
             saving=_output_bytes(steps, shape),
         )
+    if stream is None:
+        stream = streams(steps)
+    if stream and shape.block_parameters()[1]:
+        return _estimate_streamed(name, steps, shape, calibration)
     quantized = sum(math.prod(s) for _, s in shape.linears()) if _quantizes(steps) else 0
     model = weights + quantized * CODE_BYTES
     activations = hessians = 0
@@ -193,6 +216,41 @@ def estimate_stage(name: str, steps: Sequence[StepConfig], shape: ModelShape,
             hessians = len(grams) * sum(s[1] ** 2 for _, s in shape.linears()) * FP32
     return PhaseEstimate(phase=f"stage {name}", model=model, activations=activations,
                          hessians=hessians, optimizer=0, saving=_output_bytes(steps, shape))
+
+
+def streams(steps: Sequence[StepConfig]) -> bool:
+    """Whether the stage executor streams these steps block by block (the config-level
+    part of `compression/streaming.py: streaming_blocker`)."""
+    for step in steps:
+        config_cls = CATALOG.entry(step.kind).config_cls
+        if config_cls.needs in TRAINING_NEEDS or config_cls.changes_structure:
+            return False
+        if getattr(step, "backend", None) == "gptqmodel":  # writes its checkpoint itself
+            return False
+    return True
+
+
+def _estimate_streamed(name: str, steps: Sequence[StepConfig], shape: ModelShape,
+                       calibration: DataSize | None) -> PhaseEstimate:
+    """A streamed stage holds one block in fp32 (with its codes) or the modules outside
+    the blocks (embeddings, head: loaded to make the first block's inputs, then again at
+    the end), whichever is larger; the calibration inputs once (replaced batch by batch),
+    one batch through the block, and the block's Hessians with the solver's workspace."""
+    block, count = shape.block_parameters()
+    outside = shape.parameters - block * count
+    linear = sum(math.prod(s) for _, s in shape.block_linears())
+    model = max(block * FP32 + (linear * CODE_BYTES if _quantizes(steps) else 0), outside * FP32)
+    needs = {CATALOG.entry(step.kind).config_cls.needs for step in steps}
+    activations = hessians = 0
+    if needs & {Needs.LAYERWISE, Needs.CALIBRATION} and calibration is not None:
+        activations = _block_inputs(shape, calibration) + _forward_bytes(
+            shape, calibration.batch_size, calibration.max_length, False)
+        grams = [step for step in steps if step.kind in INPUT_GRAM_KINDS]
+        if grams:
+            inputs = [s[1] for _, s in shape.block_linears()]
+            hessians = len(grams) * sum(i * i for i in inputs) * FP32 + _solver_bytes(shape)
+    return PhaseEstimate(phase=f"stage {name}", model=model, activations=activations,
+                         hessians=hessians, optimizer=0)
 
 
 def estimate_evaluation(shape: ModelShape, stages: Sequence[Sequence[StepConfig]],
@@ -336,16 +394,18 @@ def _output_bytes(steps: Sequence[StepConfig], shape: ModelShape) -> int:
 
 
 def _solver_bytes(shape: ModelShape) -> int:
-    """The GPTQ/SparseGPT solve of one input width: 6 (in, in) matrices alive at once
-    (H's copy, its damped clone, the Cholesky factor, the identity it solves against,
-    H^-1 and its upper factor) and 4 (rows, in) ones (W, its transpose, codes, errors)
-    for the Linears quantized together: those fed the same input, bounded here by all
-    Linears of the block with that input width (measured: a hidden-2048 block's GPTQ
-    peak was 0.9 GB above RTN's, against 0.6 GB of Hessians)."""
+    """The GPTQ/SparseGPT solve of one input width: 3 (in, in) matrices alive at once
+    (H's scratch copy, overwritten by the factor, the other buffer of the in-place solve
+    `upper_cholesky_of_inverse`, and a permuted copy with act order) and 4 (rows, in)
+    ones (W, its transpose, codes, errors) for the Linears quantized together: those fed
+    the same input, bounded here by all Linears of the block with that input width
+    (measured: a hidden-2048 block's GPTQ peak was 0.9 GB above RTN's, against 0.6 GB
+    of Hessians, when the solve held 6). SparseGPT factors in float64: its solve holds
+    about twice this, which the estimate leaves out."""
     rows_by_width: dict[int, int] = {}
     for _, (rows, width) in shape.block_linears():
         rows_by_width[width] = rows_by_width.get(width, 0) + rows
-    return max((6 * width * width + 4 * rows * width) * FP32
+    return max((3 * width * width + 4 * rows * width) * FP32
                for width, rows in rows_by_width.items())
 
 

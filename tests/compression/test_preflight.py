@@ -49,7 +49,7 @@ def test_rtn_stage_is_the_model_codes_and_serialized_output() -> None:
     linear = BLOCKS * (4 * H * H + 3 * H * MLP)
     P = 2 * V * H + BLOCKS * H + H + linear
     assert shape.parameters == P
-    estimate = estimate_stage("q", [RTN], shape, None, None)
+    estimate = estimate_stage("q", [RTN], shape, None, None, stream=False)
     packed = linear * 4 // 8 + linear // 32 * 4  # 4-bit codes + fp16 scale and zero per group
     assert estimate.model == P * FP32 + 12345 + linear  # fp32, the mapped file, uint8 codes
     assert estimate.saving == (P - linear) * FP32 + 2 * packed  # packed tensors + their bytes
@@ -59,10 +59,10 @@ def test_rtn_stage_is_the_model_codes_and_serialized_output() -> None:
 
 def test_the_peak_holds_calibration_or_saving_not_both() -> None:
     shape = llama_shape()
-    small = estimate_stage("q", [GPTQ], shape, DataSize(2, 8, 1), None)
+    small = estimate_stage("q", [GPTQ], shape, DataSize(2, 8, 1), None, stream=False)
     assert small.saving > small.activations + small.hessians
     assert small.total == small.model + small.saving + RUNTIME_BYTES
-    large = estimate_stage("q", [GPTQ], shape, DataSize(512, 256, 8), None)
+    large = estimate_stage("q", [GPTQ], shape, DataSize(512, 256, 8), None, stream=False)
     assert large.activations + large.hessians > large.saving
     assert large.total == large.model + large.activations + large.hessians + RUNTIME_BYTES
 
@@ -70,10 +70,10 @@ def test_the_peak_holds_calibration_or_saving_not_both() -> None:
 def test_gptq_hessians_are_per_linear_of_one_block_and_activations_per_token() -> None:
     shape = llama_shape()
     data = DataSize(num_samples=16, max_length=32, batch_size=4)
-    estimate = estimate_stage("q", [GPTQ], shape, data, None)
+    estimate = estimate_stage("q", [GPTQ], shape, data, None, stream=False)
     # q, k, v, o, gate, up read H features; down reads MLP; + the solve of the larger of
     # the H-wide Linears (rows 4H + 2 MLP) and down (rows H, width MLP)
-    solve = max(6 * H * H + 4 * (4 * H + 2 * MLP) * H, 6 * MLP * MLP + 4 * H * MLP) * FP32
+    solve = max(3 * H * H + 4 * (4 * H + 2 * MLP) * H, 3 * MLP * MLP + 4 * H * MLP) * FP32
     assert estimate.hessians == (6 * H * H + MLP * MLP) * FP32 + solve
     tokens = 16 * 32
     kept = (tokens * (H + 2 * (H // HEADS)) + 16 * 32 * 32) * FP32  # hidden, cos/sin, mask
@@ -86,7 +86,7 @@ def test_estimate_grows_with_samples_length_and_parameters() -> None:
     base = DataSize(num_samples=16, max_length=32, batch_size=4)
 
     def stage(data: DataSize, model: ModelShape = shape) -> tuple[int, int, int]:
-        estimate = estimate_stage("q", [GPTQ], model, data, None)
+        estimate = estimate_stage("q", [GPTQ], model, data, None, stream=False)
         return estimate.activations, estimate.hessians, estimate.model
 
     activations, hessians, model = stage(base)
@@ -246,3 +246,42 @@ def test_generous_limit_passes_and_validate_prints_each_phase(
     assert all("overhead" in line and "model" in line for line in memory)
     assert "hessians" in memory[0]  # gptq keeps one per Linear of the block
     json.dumps(memory)  # plain text, no markup objects
+
+
+def test_streamed_stage_holds_one_block_or_the_outside_whatever_the_depth() -> None:
+    shape = llama_shape()
+    block = 4 * H * H + 3 * H * MLP + H  # q k v o, gate up down, one norm
+    linear = 4 * H * H + 3 * H * MLP
+    outside = 2 * V * H + H  # embeddings, head, final norm
+    assert shape.block_parameters() == (block, BLOCKS)
+    data = DataSize(num_samples=16, max_length=32, batch_size=4)
+    streamed = estimate_stage("q", [GPTQ], shape, data, None)
+    assert streamed.model == max(block * FP32 + linear, outside * FP32)
+    in_memory = estimate_stage("q", [GPTQ], shape, data, None, stream=False)
+    assert streamed.hessians == in_memory.hessians  # one block's, both ways
+    assert streamed.total < in_memory.total
+    deeper = estimate_stage("q", [GPTQ], llama_shape(blocks=8 * BLOCKS), data, None)
+    assert deeper.total == streamed.total  # depth costs disk, not memory
+    distill = CATALOG.parse({"kind": "distill", "teacher": "base"})
+    assert estimate_stage("d", [distill], shape, None, data).model == shape.parameters * FP32
+
+
+def test_an_8b_llama_fits_24_gb_only_when_streamed() -> None:
+    h, mlp, vocab, kv = 4096, 14336, 32000, 1024
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, h),
+                                          "lm_head.weight": (vocab, h), "model.norm.weight": (h,)}
+    for b in range(32):
+        p = f"model.layers.{b}"
+        shapes |= {f"{p}.self_attn.q_proj.weight": (h, h), f"{p}.self_attn.o_proj.weight": (h, h),
+                   f"{p}.self_attn.k_proj.weight": (kv, h), f"{p}.self_attn.v_proj.weight": (kv, h),
+                   f"{p}.mlp.gate_proj.weight": (mlp, h), f"{p}.mlp.up_proj.weight": (mlp, h),
+                   f"{p}.mlp.down_proj.weight": (h, mlp), f"{p}.input_layernorm.weight": (h,),
+                   f"{p}.post_attention_layernorm.weight": (h,)}
+    config = {"hidden_size": h, "intermediate_size": mlp, "vocab_size": vocab,
+              "num_attention_heads": 32, "num_key_value_heads": 8}
+    shape = ModelShape.from_config(shapes, config, disk_bytes=16 * 10**9)
+    assert 7.2e9 < shape.parameters < 7.3e9  # Llama-3-8B blocks with a 32000 vocabulary
+    data = DataSize(num_samples=32, max_length=128, batch_size=8)
+    streamed = estimate_stage("q", [GPTQ], shape, data, None)
+    assert streamed.total < 8 * 2**30
+    assert estimate_stage("q", [GPTQ], shape, data, None, stream=False).total > 24 * 2**30

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from squeezeflow.compression.quantization.gptq.math import upper_cholesky_of_inverse
 from squeezeflow.compression.quantization.qweight import (
     QuantizedWeight,
     group_index,
@@ -46,10 +47,8 @@ def inverse_hessian_cholesky(H: Tensor, damp: float) -> Tensor:
     H = H.clone().to(torch.float64)
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0
-    H += damp * torch.mean(torch.diag(H)) * torch.eye(H.shape[0], dtype=H.dtype)
-    L = torch.linalg.cholesky(H)
-    H_inv = torch.cholesky_inverse(L)
-    return torch.linalg.cholesky(H_inv, upper=True).to(torch.float32)
+    H.diagonal().add_(damp * torch.mean(torch.diag(H)))
+    return upper_cholesky_of_inverse(H).to(torch.float32)
 
 
 def sparsegpt(
