@@ -31,6 +31,7 @@ from squeezeflow.compression.step import (
     StepReport,
     TrainingContext,
     calibration_tokens,
+    hooks,
 )
 
 log = logging.getLogger(__name__)
@@ -127,9 +128,10 @@ def run_layerwise(
         with ExitStack() as observers, calibration_matmuls(bf16):
             for step, modules in zip(steps, selected, strict=True):
                 observers.enter_context(step.observe(modules))
+            forward = observers.enter_context(until_observed(steps, selected))
             for (args, kwargs), mask in zip(inputs, masks, strict=True):
                 with calibration_tokens(mask):
-                    block(*args, **kwargs)
+                    forward(block, args, kwargs)
         for step, modules, step_reports in zip(steps, selected, reports, strict=True):
             step_reports.append(step.apply(modules))  # exact fp32: apply does the math
         # The next block sees what this compressed block produces.
@@ -145,6 +147,43 @@ def run_layerwise(
         step.finalize(model, step_reports)
         for step, step_reports in zip(steps, reports, strict=True)
     ]
+
+
+class _Observed(Exception):
+    """Raised inside a calibration forward once every observed module saw its input."""
+
+
+BlockForward = Callable[[nn.Module, tuple[Any, ...], dict[str, Any]], None]
+
+
+@contextmanager
+def until_observed(steps: Sequence[Step[Any]],
+                   selected: Sequence[dict[str, nn.Module]]) -> Iterator[BlockForward]:
+    """A block forward for an observing pass whose output is thrown away: when every step
+    observes inputs only, it stops as soon as each selected module has seen its input
+    (for a Llama block, the MLP's down_proj matmul and what follows it are skipped: 27%
+    of an 8B block's flops). Exact: no observed value changes. Enter after the steps'
+    observers, so their hooks run first."""
+    modules = {id(module): module for chosen in selected for module in chosen.values()}
+    if not modules or not all(step.observes_inputs_only for step in steps):
+        yield lambda block, args, kwargs: block(*args, **kwargs)
+        return
+    seen: set[int] = set()
+
+    def saw(module: nn.Module, _args: tuple[Any, ...]) -> None:
+        seen.add(id(module))
+        if len(seen) == len(modules):
+            raise _Observed
+
+    def forward(block: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        seen.clear()
+        try:
+            block(*args, **kwargs)
+        except _Observed:
+            pass
+
+    with hooks([module.register_forward_pre_hook(saw) for module in modules.values()]):
+        yield forward
 
 
 @contextmanager

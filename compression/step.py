@@ -103,6 +103,15 @@ class Step(Generic[ConfigT]):
         """
 
     @property
+    def observes_inputs_only(self) -> bool:
+        """True when `observe` reads nothing but the inputs of the selected modules
+        (forward pre-hooks): a layer-wise runner may then cut a calibration forward short
+        once every selected module has seen its input, since nothing after it is observed
+        and the outputs are recomputed after `apply` anyway. A step that observes
+        nothing qualifies; others say so themselves."""
+        return type(self).observe is Step.observe
+
+    @property
     def calibration_precision(self) -> Precision:
         """Precision of the matmuls in the calibration forward passes that feed `observe`.
 

@@ -64,6 +64,7 @@ from squeezeflow.compression.runners import (
     calibration_matmuls,
     capture_block_inputs,
     hidden_of,
+    until_observed,
 )
 from squeezeflow.compression.shards import (
     MERGE_LIMIT_BYTES,
@@ -396,11 +397,15 @@ def _run_block(
         with ExitStack() as observers, calibration_matmuls(bf16):
             for step, modules in zip(steps, selected, strict=True):
                 observers.enter_context(step.observe(modules))
+            if mode == "layerwise":  # outputs recomputed after apply: stop once observed
+                forward = observers.enter_context(until_observed(steps, selected))
             for index, ((args, kwargs), mask) in enumerate(zip(inputs, masks, strict=True)):
                 with calibration_tokens(mask):
-                    output = block(*args, **kwargs)
-                if mode == "calibration":  # the next block sees what the uncompressed one gives
-                    inputs[index] = ((hidden_of(output), *args[1:]), kwargs)  # one copy alive
+                    if mode == "calibration":  # the next block sees the uncompressed outputs
+                        output = block(*args, **kwargs)
+                        inputs[index] = ((hidden_of(output), *args[1:]), kwargs)  # one copy alive
+                    else:
+                        forward(block, args, kwargs)
     reports = [step.apply(modules) for step, modules in zip(steps, selected, strict=True)]
     if mode == "layerwise" and not last:  # the next block sees what the compressed one gives
         with calibration_matmuls(bf16):

@@ -168,3 +168,34 @@ def test_more_padding_changes_no_result_and_no_reported_statistic(config: dict[s
     assert reported.keys() == wider_reported.keys()
     for module, values in reported.items():
         assert values == pytest.approx(wider_reported[module], rel=1e-4, abs=1e-6), module
+
+
+def test_observing_pass_stops_once_every_observed_input_was_seen(monkeypatch: pytest.MonkeyPatch) -> None:
+    """GPTQ observes only its Linears' inputs: the observing forward stops after the last
+    of them (down_proj never runs in that pass) and the result is the same as a full pass."""
+    model, tokenizer = tiny_llama(layers=2)
+    batch = dict(tokenizer(["The robot repaired the garden fence.", "Yesterday it rained."],
+                           padding=True, return_tensors="pt"))
+    config = CATALOG.parse({"kind": "gptq", "bits": 4, "group_size": 32,
+                            "targets": ["*q_proj", "*k_proj", "*v_proj", "*gate_proj", "*up_proj"]})
+    _, blocks = find_blocks(model)
+    calls: list[str] = []
+
+    def count(module: nn.Module, _args: tuple[torch.Tensor, ...]) -> None:
+        calls.append("down")
+
+    full = copy.deepcopy(model)
+    handles = [block.mlp.down_proj.register_forward_pre_hook(count) for block in blocks]
+    run_stage_steps(model, [CATALOG.build(config)], [batch])
+    for handle in handles:
+        handle.remove()
+    assert len(calls) == len(blocks)  # the recompute pass only, once per block
+
+    monkeypatch.setattr(type(CATALOG.build(config)), "observes_inputs_only", property(lambda self: False))
+    _, full_blocks = find_blocks(full)
+    calls.clear()
+    handles = [block.mlp.down_proj.register_forward_pre_hook(count) for block in full_blocks]
+    run_stage_steps(full, [CATALOG.build(config)], [batch])
+    assert len(calls) == 2 * len(blocks)  # observing and recompute passes
+    for (name, ours), theirs in zip(model.state_dict().items(), full.state_dict().values(), strict=True):
+        assert torch.equal(ours, theirs), name

@@ -37,6 +37,10 @@ class SparseGPTStep(Step[SparseGPTConfig]):
         super().__init__(config)
         self.gram_by_module: dict[str, InputGram] = {}
 
+    @property
+    def observes_inputs_only(self) -> bool:
+        return True  # forward pre-hooks on the selected Linears only
+
     @contextmanager
     def observe(self, modules: dict[str, nn.Module]) -> Iterator[None]:
         with observe_inputs(modules, self.gram_by_module, InputGram):

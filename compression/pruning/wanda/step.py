@@ -32,6 +32,10 @@ class WandaStep(Step[WandaConfig]):
         super().__init__(config)
         self.squares_by_module: dict[str, InputSquares] = {}
 
+    @property
+    def observes_inputs_only(self) -> bool:
+        return True  # forward pre-hooks on the selected Linears only
+
     @contextmanager
     def observe(self, modules: dict[str, nn.Module]) -> Iterator[None]:
         with observe_inputs(modules, self.squares_by_module, InputSquares):

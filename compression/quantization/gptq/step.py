@@ -73,6 +73,10 @@ class GPTQStep(Step[GPTQConfig]):
         """Linear layers and GPT-2's Conv1D (a Linear with its weight stored transposed)."""
         return _is_linear(module)
 
+    @property
+    def observes_inputs_only(self) -> bool:
+        return True  # forward pre-hooks on the selected Linears only
+
     @contextmanager
     def observe(self, modules: dict[str, nn.Module]) -> Iterator[None]:
         """Accumulate each module's input Hessian; X^T X is computed once per shared input."""
