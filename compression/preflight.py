@@ -227,6 +227,8 @@ def streams(steps: Sequence[StepConfig]) -> bool:
             return False
         if getattr(step, "backend", None) == "gptqmodel":  # writes its checkpoint itself
             return False
+        if CATALOG.build(step).needs_whole_model:
+            return False
     return True
 
 

@@ -103,6 +103,12 @@ class Step(Generic[ConfigT]):
         """
 
     @property
+    def needs_whole_model(self) -> bool:
+        """True when the step runs the whole model itself (a model-wide score in
+        `finalize`, say): its stage cannot stream block by block and loads the model."""
+        return False
+
+    @property
     def observes_inputs_only(self) -> bool:
         """True when `observe` reads nothing but the inputs of the selected modules
         (forward pre-hooks): a layer-wise runner may then cut a calibration forward short

@@ -137,6 +137,8 @@ def streaming_blocker(steps: Sequence[Step[Any]], source: Path) -> str | None:
             return f"{kind} changes the model's structure"
         if step.writes_checkpoint:
             return f"{kind} writes its checkpoint itself"
+        if step.needs_whole_model:
+            return f"{kind} runs the whole model"
     description = read_description(source)
     if description.get("factorized"):
         return "the source has factorized layers"

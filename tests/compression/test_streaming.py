@@ -118,6 +118,10 @@ def test_the_executor_streams_block_wise_stages_and_loads_the_others(llama_dir: 
     assert streaming_blocker([CATALOG.build(_config("gptq"))], llama_dir) is None
     lowrank = CATALOG.build(_config("lowrank", rank=8))
     assert "structure" in (streaming_blocker([lowrank], llama_dir) or "")
+    scored = CATALOG.build(_config("bitstack", importance="perplexity"))
+    assert "whole model" in (streaming_blocker([scored], llama_dir) or "")  # ranks model-wide
+    assert streaming_blocker([CATALOG.build(_config("bitstack", importance="output_error"))],
+                             llama_dir) is None
     batches = _batches(llama_dir)
     compress_stage(llama_dir, [_config("lowrank", rank=8)], tmp_path / "lowrank",
                    calibration=batches)

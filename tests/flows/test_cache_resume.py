@@ -33,13 +33,13 @@ def count_executions(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     import squeezeflow.tasks.stages as stages
 
     executed: list[str] = []
-    original = stages.run_stage_steps
+    original = stages.compress_stage
 
-    def counting(model, steps, batches, progress=None, training=None):  # type: ignore[no-untyped-def]
-        executed.append(",".join(step.config.kind for step in steps))
-        return original(model, steps, batches, progress=progress, training=training)
+    def counting(source, configs, output, **options):  # type: ignore[no-untyped-def]
+        executed.append(",".join(config.kind for config in configs))
+        return original(source, configs, output, **options)
 
-    monkeypatch.setattr(stages, "run_stage_steps", counting)
+    monkeypatch.setattr(stages, "compress_stage", counting)
     return executed
 
 
