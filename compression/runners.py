@@ -134,10 +134,11 @@ def run_layerwise(
                     forward(block, args, kwargs)
         for step, modules, step_reports in zip(steps, selected, reports, strict=True):
             step_reports.append(step.apply(modules))  # exact fp32: apply does the math
-        # The next block sees what this compressed block produces.
-        with calibration_matmuls(bf16):
-            inputs = [((hidden_of(block(*args, **kwargs)), *args[1:]), kwargs)
-                      for args, kwargs in inputs]
+        # The next block sees what this compressed block produces (the last has none).
+        if index < len(blocks) - 1:
+            with calibration_matmuls(bf16):
+                inputs = [((hidden_of(block(*args, **kwargs)), *args[1:]), kwargs)
+                          for args, kwargs in inputs]
         _tell(progress, f"block {index + 1}/{len(blocks)} done")
         advance("calibration blocks", index + 1, len(blocks))
     outside = _modules_outside(model, prefix, steps)
