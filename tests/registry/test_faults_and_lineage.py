@@ -45,8 +45,8 @@ def test_registry_down_fails_without_a_version_then_resumes_from_cache(
     # one HTTP request per attempt (MLflow's own retries off), so the server counts attempts
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     executed: list[int] = []
-    original = stages.run_stage_steps
-    monkeypatch.setattr(stages, "run_stage_steps",
+    original = stages.compress_stage
+    monkeypatch.setattr(stages, "compress_stage",
                         lambda *a, **k: executed.append(1) or original(*a, **k))
     path = bert_recipe(workdir, str(tiny_bert_dir), text_files["evaluation"], "flaky-registry")
 
