@@ -13,7 +13,7 @@ Models: 1b (TinyLlama's shape: hidden 2048, MLP 5632, 22 blocks, 32 heads / 4 KV
 vocabulary 32000 for both.
 
 Usage: python benchmarks/scale.py --model 1b --method gptq [--samples 128] [--length 256]
-       [--generate] [--keep-output]
+       [--generate] [--keep-output] [--resume]
 Last line: one JSON object {"models": [{"model", "params", "method", "samples", "length",
 "peak_rss_mb", "seconds", "block_seconds", "model_gb_on_disk", "generate": {...}}]}.
 """
@@ -202,6 +202,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--generate", action="store_true", help="load the result, generate 8 tokens")
     parser.add_argument("--keep-output", action="store_true")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue a stage killed earlier at the block it reached (figures: this run's part)")
     parser.add_argument("--cache", type=Path, default=ROOT / ".cache" / "scale")
     parser.add_argument("--child", choices=["build", "stage", "generate"], help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
@@ -228,7 +230,8 @@ def main() -> None:
         print(f"building {folder} (random bf16 weights)", flush=True)
         subprocess.run([*script, "--child", "build", *common], check=True, cwd=ROOT)
     shutil.rmtree(output, ignore_errors=True)
-    shutil.rmtree(f"{output}.work", ignore_errors=True)
+    if not args.resume:
+        shutil.rmtree(f"{output}.work", ignore_errors=True)
     params = sum(math.prod(entry["shape"]) for shard in folder.glob("*.safetensors")
                  for entry in _header(shard).values())
     print(f"{args.method} on {args.model} ({params / 1e9:.2f}B parameters), "

@@ -165,17 +165,18 @@ class Dequantizable(Protocol):
 StoredT = TypeVar("StoredT", bound=Dequantizable)
 
 
-def attach(module: torch.nn.Module, quantized: Dequantizable, attr: str = QUANTIZED_ATTR) -> Tensor:
+def attach(module: torch.nn.Module, quantized: Dequantizable, attr: str = QUANTIZED_ATTR, *,
+           dequantized: Tensor | None = None) -> Tensor:
     """Replace the module's weight by its dequantized value and remember the codes.
 
-    Returns the dequantized weight (out, in). The codes travel with the module (as
-    attribute `attr`) so that saving can pack them; a later step that changes the
-    weight makes them stale, and the artifact writer then stores the weight dense
-    (see `current_quantized`).
+    Returns the dequantized weight (out, in); `dequantized`: that value when the caller
+    has it already. The codes travel with the module (as attribute `attr`) so that
+    saving can pack them; a later step that changes the weight makes them stale, and
+    the artifact writer then stores the weight dense (see `current_quantized`).
     """
     weight = module.weight
     assert isinstance(weight, Tensor)
-    W_hat = quantized.dequantize(weight.dtype)
+    W_hat = quantized.dequantize(weight.dtype) if dequantized is None else dequantized.to(weight.dtype)
     weight.data.copy_(as_stored(module, W_hat))
     setattr(module, attr, quantized)
     return W_hat

@@ -45,6 +45,9 @@ from squeezeflow.compression.step import Precision, Step, StepReport, hooks, rea
 log = logging.getLogger(__name__)
 
 
+REPORT_ROWS = 1024  # output_rel_error of larger Linears is measured on this many rows
+
+
 @register_step(GPTQConfig)
 class GPTQStep(Step[GPTQConfig]):
     def __init__(self, config: GPTQConfig) -> None:
@@ -112,7 +115,8 @@ class GPTQStep(Step[GPTQConfig]):
             # Layers fed the same input (q/k/v, gate/up) share H, so one GPTQ pass over
             # their stacked rows gives each layer exactly its own result, faster.
             hessian = self.hessian_by_module[names[0]]
-            Ws = [as_stored(modules[name], _weight(modules[name])).to(torch.float32, copy=True)
+            # the weights themselves (no copy when fp32): read for the report before attach
+            Ws = [as_stored(modules[name], _weight(modules[name])).to(torch.float32)
                   for name in names]  # each (out_i, in)
             result = gptq_quantize(
                 torch.cat(Ws), hessian.H, self.config.bits, self.config.group_size,
@@ -124,14 +128,18 @@ class GPTQStep(Step[GPTQConfig]):
             for name, W in zip(names, Ws, strict=True):
                 rows = slice(start, start + W.shape[0])
                 start = rows.stop
-                W_hat = attach(modules[name], result.quantized.row_slice(rows)).to(torch.float32)
+                quantized = result.quantized.row_slice(rows)
+                W_hat = quantized.dequantize(torch.float32)
                 per_module[name] = {
-                    "output_rel_error": output_error(W, W_hat, hessian.H),
+                    "output_rel_error": output_error(W, W_hat, hessian.H, REPORT_ROWS),
                     "weight_rel_error": relative_error(W, W_hat),
                     "gptq_loss": float(result.row_losses[rows].sum()),
                 }
-        for name in modules:
-            del self.hessian_by_module[name]
+                attach(modules[name], quantized, dequantized=W_hat)  # overwrites W in place
+                del W_hat
+            del Ws, result
+            for name in names:  # an 8B down_proj's H is 0.8 GB: free each as soon as used
+                del self.hessian_by_module[name]
         return StepReport(kind=self.config.kind, per_module=per_module)
 
     def _shared_input_groups(self, modules: dict[str, nn.Module]) -> list[list[str]]:
