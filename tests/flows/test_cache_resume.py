@@ -132,3 +132,73 @@ def test_sigkill_inside_stage_two_resumes_after_stage_one(
     assert [s.reused for s in result.stages] == [True, False]
     assert count_executions == ["test-sleep"]  # stage 1 was not recomputed
     assert [int(v.version) for v in client.search_model_versions("name = 'cache-test'")] == [1]
+
+
+KILL_AT_BLOCK = """
+import os, signal, sys
+import squeezeflow.compression.streaming as streaming
+original, calls = streaming._run_block, []
+
+def killing(*args, **kwargs):  # SIGKILL as block 7 of 12 starts: blocks 1-6 are saved
+    if len(calls) == 6:
+        os.kill(os.getpid(), signal.SIGKILL)
+    calls.append(1)
+    return original(*args, **kwargs)
+
+streaming._run_block = killing
+from squeezeflow.cli import app
+sys.argv = ["squeeze", "run", sys.argv[1]]
+app()
+"""
+
+
+def test_squeeze_run_killed_inside_a_streamed_stage_resumes_at_its_block(
+    workdir: Path, text_files: dict[str, Path], count_executions: list[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import hashlib
+    import json
+
+    import squeezeflow.compression.streaming as streaming
+
+    from prefect.settings import PREFECT_API_URL
+
+    from squeezeflow.flows.compress import compress
+    from squeezeflow.testing import save_model, tiny_llama
+
+    model, tokenizer = tiny_llama(layers=12)
+    source = save_model(model, tokenizer, workdir / "llama12")
+    raw = {
+        "name": "resume-blocks", "model": {"source": str(source)},
+        "calibration": {"source": str(text_files["calibration"]), "num_samples": 8, "max_length": 32},
+        "evaluation": {"data": {"source": str(text_files["evaluation"]), "num_samples": 8},
+                       "max_length": 32, "suites": ["size"]},
+        "stages": [{"name": "q", "steps": [{"kind": "gptq", "bits": 4, "group_size": 32}]}],
+        "registration": {"model_name": "resume-blocks"},
+    }
+    path = workdir / "resume-blocks.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    env = {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value()),
+           "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    killed = subprocess.run([sys.executable, "-c", KILL_AT_BLOCK, str(path)], cwd=workdir, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -signal.SIGKILL, killed.stdout[-2000:] + killed.stderr[-2000:]
+    [blocks] = list((workdir / ".squeezeflow" / "blocks").iterdir())
+    assert json.loads((blocks / "progress.json").read_text())["next_block"] == 6
+
+    def checkpoint_sha256() -> str:
+        [folder] = [d for d in (workdir / ".squeezeflow" / "checkpoints").iterdir() if d.is_dir()
+                    and (d / "stage.json").exists()]
+        return hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
+
+    original, ran = streaming._run_block, []
+    monkeypatch.setattr(streaming, "_run_block", lambda *a, **k: ran.append(1) or original(*a, **k))
+    resumed = compress(str(path))
+    assert len(ran) == 6  # blocks 7-12 only
+    assert not blocks.exists()  # the finished stage no longer needs its blocks
+    resumed_sha = checkpoint_sha256()
+    compress(str(path), use_cache=False)  # from scratch: nothing kept from the killed run
+    assert len(ran) == 6 + 12
+    assert count_executions == ["gptq", "gptq"]
+    assert checkpoint_sha256() == resumed_sha
+    assert [s.reused for s in resumed.stages] == [False]
