@@ -159,10 +159,9 @@ def test_squeeze_run_killed_inside_a_streamed_stage_resumes_at_its_block(
     import hashlib
     import json
 
-    import squeezeflow.compression.streaming as streaming
-
     from prefect.settings import PREFECT_API_URL
 
+    import squeezeflow.compression.streaming as streaming
     from squeezeflow.flows.compress import compress
     from squeezeflow.testing import save_model, tiny_llama
 
