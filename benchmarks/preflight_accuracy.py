@@ -53,29 +53,29 @@ def build(folder: Path, hidden: int, layers: int, dtype: str) -> None:
 
 
 def run_stage(folder: str, method: str, samples: int, length: int, batch: int) -> None:
-    """In this (fresh) process: one stage as `_compute_stage` runs it, saved beside the
+    """In this (fresh) process: one stage as `_compute_stage` runs it (the library's
+    stage executor: streamed block by block where the steps allow it), saved beside the
     model; prints peak RSS MB."""
     import resource
+    import shutil
 
     import torch
 
     import squeezeflow.tasks.stages  # noqa: F401 (the runtime a stage runs in)
     from squeezeflow import sampledata
-    from squeezeflow.compression.artifact import load_compressed, save_compressed
     from squeezeflow.compression.catalog import CATALOG
-    from squeezeflow.compression.changes import require_change, stage_baseline
     from squeezeflow.compression.data import tokenized_batches
-    from squeezeflow.compression.runners import run_stage_steps
+    from squeezeflow.compression.executor import compress_stage
+    from squeezeflow.compression.models import load_tokenizer
 
     torch.set_num_threads(2)
     config = CATALOG.parse(METHODS[method])
-    loaded = load_compressed(folder)
     texts = sampledata.sentences(samples)
-    batches = list(tokenized_batches(texts, loaded.tokenizer, batch_size=batch, max_length=length))
-    baseline = stage_baseline(loaded.model, [config])
-    run_stage_steps(loaded.model, [CATALOG.build(config)], batches)
-    require_change(method, baseline, loaded.model)
-    save_compressed(loaded.model, loaded.tokenizer, loaded.kind, _output(folder, method))
+    batches = list(tokenized_batches(texts, load_tokenizer(Path(folder)), batch_size=batch,
+                                     max_length=length))
+    output = _output(folder, method)
+    shutil.rmtree(output, ignore_errors=True)
+    compress_stage(folder, [config], output, calibration=batches, work=f"{output}.work", name=method)
     print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # kB on Linux
 
 

@@ -50,10 +50,10 @@ ADAM_STATES = 2  # exp_avg and exp_avg_sq, fp32, one of each per trained paramet
 # Steps whose observers keep an (in, in) fp32 Gram matrix per selected Linear (their
 # step.py: Hessian / InputGram); the others keep per-channel vectors, negligible here.
 # fp32 (rows, in) copies of one Linear alive while a step changes it (its weight read as
-# fp32, the step's copy, the quantizer's temporaries, the dequantized value, their
-# difference): measured, RTN of one 8B Llama block peaked 2.4 GB above the runtime
-# with 0.87 GB of fp32 weights; its gate_proj is 235 MB.
-WORKING_COPIES = 5
+# fp32, the step's copy, the quantizer's scaled and rounded temporaries, the dequantized
+# value, their difference): measured, RTN of an 8B Llama streamed peaked at 3295 MB,
+# 2.4 GB above the runtime with 0.87 GB of fp32 block weights; its gate_proj is 235 MB.
+WORKING_COPIES = 6
 INPUT_GRAM_KINDS = frozenset({"gptq", "sparsegpt", "qmoe", "lowrank"})
 TRAINING_NEEDS = {Needs.TRAINING, Needs.TEACHER}
 _BLOCK_NAME = re.compile(r"^(?P<prefix>.+?)\.(?P<index>\d+)\.(?P<rest>.+)$")

@@ -256,7 +256,7 @@ def test_streamed_stage_holds_one_block_or_the_outside_whatever_the_depth() -> N
     assert shape.block_parameters() == (block, BLOCKS)
     data = DataSize(num_samples=16, max_length=32, batch_size=4)
     streamed = estimate_stage("q", [GPTQ], shape, data, None)
-    working = 5 * MLP * H * FP32  # copies of the largest Linear (gate, up, down) while it changes
+    working = 6 * MLP * H * FP32  # copies of the largest Linear (gate, up, down) while it changes
     assert streamed.model == max(block * FP32 + linear, outside * FP32) + working
     in_memory = estimate_stage("q", [GPTQ], shape, data, None, stream=False)
     assert streamed.hessians == in_memory.hessians  # one block's, both ways
@@ -284,5 +284,5 @@ def test_an_8b_llama_fits_24_gb_only_when_streamed() -> None:
     assert 7.2e9 < shape.parameters < 7.3e9  # Llama-3-8B blocks with a 32000 vocabulary
     data = DataSize(num_samples=32, max_length=128, batch_size=8)
     streamed = estimate_stage("q", [GPTQ], shape, data, None)
-    assert streamed.total < 8 * 2**30
+    assert streamed.total < 10 * 2**30  # measured 8B gptq streamed: see benchmarks/README.md "Scale"
     assert estimate_stage("q", [GPTQ], shape, data, None, stream=False).total > 24 * 2**30
