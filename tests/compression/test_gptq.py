@@ -319,3 +319,18 @@ def test_gptqmodel_backend_does_not_apply_in_place() -> None:
     assert step.writes_checkpoint and not GPTQStep(GPTQConfig()).writes_checkpoint
     with pytest.raises(RuntimeError, match="only step of its stage"):
         step.apply(step.select(model))
+
+
+@pytest.mark.parametrize("columns", [100, 700])  # one LAPACK solve; recursive halves
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_upper_cholesky_of_inverse_is_the_upper_factor_of_the_inverse(columns: int, dtype: torch.dtype) -> None:
+    from squeezeflow.compression.quantization.gptq.math import upper_cholesky_of_inverse
+
+    generator = torch.Generator().manual_seed(0)
+    X = torch.randn(columns + 50, columns, generator=generator, dtype=dtype)
+    H = X.T @ X / columns + 0.01 * torch.eye(columns, dtype=dtype)
+    U = upper_cholesky_of_inverse(H.clone())
+    assert torch.equal(U, U.triu()) and bool((U.diagonal() > 0).all())
+    reference = torch.linalg.cholesky(torch.linalg.inv(H.double()), upper=True)
+    tolerance = 1e-4 if dtype == torch.float32 else 1e-10
+    assert torch.allclose(U.double(), reference, atol=tolerance * float(reference.abs().max()))

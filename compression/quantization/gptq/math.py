@@ -164,14 +164,14 @@ def gptq_sweep(
     """GPTQ's column sweep (Alg. 1) for any grid: `round_column` rounds, the sweep compensates.
 
     W: (out, in) and H: (in, in), float32, with dead inputs dropped (`drop_dead_inputs`);
-    neither is modified. `perm`: (in,) processing order of the columns (act order), None
+    neither is modified (H is with `own_h`). `perm`: (in,) processing order of the columns (act order), None
     for left to right. The integer grids of `gptq_quantize` and QMoE's ternary grid
     (compression/moe/qmoe) both run on this one copy of the second-order machinery.
     """
     rows, columns = W.shape
     if perm is not None:
         W, H = W[:, perm], H[perm][:, perm]
-    elif not own_h:  # `own_h`: H is the caller's scratch copy, damped in place
+    elif not own_h:  # `own_h`: H is the caller's scratch copy, damped and overwritten
         H = H.clone()  # damped below; the caller's H stays as it was
     lam = damp * torch.mean(torch.diag(H))  # keeps H positive definite on rank-deficient X
     H.diagonal().add_(lam)
