@@ -67,6 +67,13 @@ class StepConfig(StrictModel):
     needs: ClassVar[Needs] = Needs.NOTHING
     changes_structure: ClassVar[bool] = False
 
+    @property
+    def needs_whole_model(self) -> bool:
+        """True when the step runs the whole model itself (a model-wide score in its
+        `finalize`, say): its stage cannot stream block by block and loads the model.
+        Here, not on the step, for the same reason as `needs`."""
+        return False
+
     def check_model(self, config: PretrainedConfig) -> PretrainedConfig:
         """Check this step against the model's config.json (no weights are loaded).
 

@@ -232,7 +232,7 @@ def streams(steps: Sequence[StepConfig]) -> bool:
             return False
         if getattr(step, "backend", None) == "gptqmodel":  # writes its checkpoint itself
             return False
-        if CATALOG.build(step).needs_whole_model:
+        if step.needs_whole_model:  # from the config: no step import (torch)
             return False
     return True
 

@@ -104,9 +104,8 @@ class Step(Generic[ConfigT]):
 
     @property
     def needs_whole_model(self) -> bool:
-        """True when the step runs the whole model itself (a model-wide score in
-        `finalize`, say): its stage cannot stream block by block and loads the model."""
-        return False
+        """The config's `needs_whole_model`: this stage cannot stream block by block."""
+        return self.config.needs_whole_model
 
     @property
     def observes_inputs_only(self) -> bool:

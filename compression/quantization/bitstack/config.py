@@ -30,6 +30,10 @@ class BitStackConfig(StepConfig):
     # calibration sequences kept for perplexity / fisher (the paper: 32 of 2048 tokens)
     importance_samples: int = Field(32, ge=1)
 
+    @property
+    def needs_whole_model(self) -> bool:
+        return self.importance != "output_error"  # perplexity, fisher: model-wide passes
+
     @model_validator(mode="after")
     def _rank_or_factor_bits(self) -> BitStackConfig:
         if self.rank is not None and "factor_bits" in self.model_fields_set:

@@ -89,10 +89,6 @@ class BitStackStep(Step[BitStackConfig]):
         self.gains: dict[str, Tensor] = {}  # Linear -> (niter,) proxy loss gain of each block
         self.importance_seconds = 0.0  # spent on the Fisher pass (apply) and ranking (finalize)
 
-    @property
-    def needs_whole_model(self) -> bool:
-        return self.config.importance != "output_error"  # perplexity, fisher: model-wide passes
-
     def select(self, root: nn.Module, prefix: str = "") -> dict[str, nn.Module]:
         # from the model's root (basic runner) its calibration inputs can be kept for the
         # perplexity and fisher scores; a layer-wise runner selects from one block at a time
