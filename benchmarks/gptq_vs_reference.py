@@ -11,9 +11,11 @@ no activation order) and the same calibration tokens.
   (load included).
 
 Usage: python benchmarks/gptq_vs_reference.py [--quick] [--threads N] [--precision bf16|fp32]
-(--quick: tiny cost model, smoke test; --precision: our GPTQ's calibration_precision)
+       [--sequential]
+(--quick: tiny cost model, smoke test; --precision: our GPTQ's calibration_precision;
+--sequential: both GPTQs true-sequential, GPTQModel's own default; without it neither is)
 Last line: one JSON object with base_ppl, rtn_ppl, ours_ppl, gptqmodel_ppl, ours_s,
-gptqmodel_s, ours_peak_mb, gptqmodel_peak_mb.
+gptqmodel_s, ours_peak_mb, gptqmodel_peak_mb, sequential.
 """
 
 from __future__ import annotations
@@ -55,12 +57,16 @@ def main() -> None:
                         help="torch threads of every quantizer (GPTQModel: at least 2 workers)")
     parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16",
                         help="our GPTQ's calibration_precision (default: its default, bf16)")
+    parser.add_argument("--sequential", action="store_true",
+                        help="both GPTQs quantize each group of Linears before the next group's "
+                             "inputs are taken (GPTQModel's default true_sequential)")
     parser.add_argument("--worker", choices=["ours", "gptqmodel", "rtn"], help=argparse.SUPPRESS)
     parser.add_argument("--model", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--calibration", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     global CONFIG
-    CONFIG = CONFIG.model_copy(update={"calibration_precision": args.precision})
+    CONFIG = CONFIG.model_copy(update={"calibration_precision": args.precision,
+                                       "sequential": args.sequential})
     apply_defaults()
     quiet_progress_bars()
     # GPTQModel's worker pool needs at least 2 (its model loader takes 2 of them)
@@ -73,7 +79,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         quality = quality_run(Path(scratch), quick=args.quick)
         cost = {name: cost_run(name, Path(scratch), quick=args.quick, threads=args.threads,
-                               precision=args.precision)
+                               precision=args.precision, sequential=args.sequential)
                 for name in ("rtn", "ours", "gptqmodel")}
 
     print(f"quality: held-out perplexity of a {quality['parameters'] / 1e6:.1f}M-parameter Llama "
@@ -83,7 +89,8 @@ def main() -> None:
         print(f"{name:>12} {quality[f'{name}_ppl']:>11.4f}")
     shape = cost["ours"]["shape"]
     print(f"\ncost: Llama {shape}, calibration {cost['ours']['calibration']}, "
-          f"{args.threads} thread(s) each; ours with calibration_precision {args.precision}")
+          f"{args.threads} thread(s) each; ours with calibration_precision {args.precision}; "
+          f"true-sequential: {'both' if args.sequential else 'neither'}")
     print(f"{'':>12} {'seconds':>9} {'peak MB':>9}")
     for name in ("rtn", "ours", "gptqmodel"):
         print(f"{name:>12} {cost[name]['seconds']:>9.1f} {cost[name]['peak_mb']:>9.0f}")
@@ -97,6 +104,7 @@ def main() -> None:
         "gptqmodel_s": round(cost["gptqmodel"]["seconds"], 2),
         "ours_peak_mb": round(cost["ours"]["peak_mb"], 1),
         "gptqmodel_peak_mb": round(cost["gptqmodel"]["peak_mb"], 1),
+        "sequential": args.sequential,
     }))
 
 
@@ -181,7 +189,8 @@ def cost_model_config(quick: bool) -> LlamaConfig:
                        max_position_embeddings=512, tie_word_embeddings=False)
 
 
-def cost_run(name: str, scratch: Path, quick: bool, threads: int, precision: str) -> dict[str, object]:
+def cost_run(name: str, scratch: Path, quick: bool, threads: int, precision: str,
+             sequential: bool) -> dict[str, object]:
     model_dir = scratch / "cost-model"
     calibration_file = scratch / "cost-calibration.pt"
     if not model_dir.exists():
@@ -198,7 +207,7 @@ def cost_run(name: str, scratch: Path, quick: bool, threads: int, precision: str
         del model
     command = [sys.executable, __file__, "--worker", name, "--model", str(model_dir),
                "--calibration", str(calibration_file), "--threads", str(threads),
-               "--precision", precision]
+               "--precision", precision] + (["--sequential"] if sequential else [])
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"{name} worker failed:\n{done.stderr[-4000:]}")

@@ -211,6 +211,7 @@ def estimate_stage(name: str, steps: Sequence[StepConfig], shape: ModelShape,
     if Needs.LAYERWISE in needs and calibration is not None:
         activations = 2 * _block_inputs(shape, calibration) + _forward_bytes(shape, calibration.batch_size,
                                                                            calibration.max_length, False)
+        activations += _paused_forwards(steps, shape, calibration)
         if grams:
             inputs = [s[1] for _, s in shape.block_linears()]
             # one Gram per Linear per Gram step, plus the workspace of applying the largest
@@ -256,6 +257,7 @@ def _estimate_streamed(name: str, steps: Sequence[StepConfig], shape: ModelShape
     if needs & {Needs.LAYERWISE, Needs.CALIBRATION} and calibration is not None:
         activations = _block_inputs(shape, calibration) + _forward_bytes(
             shape, calibration.batch_size, calibration.max_length, False)
+        activations += _paused_forwards(steps, shape, calibration)
         grams = [step for step in steps if step.kind in INPUT_GRAM_KINDS]
         if grams:
             inputs = [s[1] for _, s in shape.block_linears()]
@@ -427,6 +429,15 @@ def _block_inputs(shape: ModelShape, data: DataSize) -> int:
     tokens = data.num_samples * data.max_length
     head_dim = shape.hidden // shape.heads
     return (tokens * (shape.hidden + 2 * head_dim) + data.num_samples * data.max_length ** 2) * FP32
+
+
+def _paused_forwards(steps: Sequence[StepConfig], shape: ModelShape, data: DataSize) -> int:
+    """A true-sequential step (`sequential: true`) keeps every batch's block forward alive
+    at once (`compression/sequential.py`); at its largest pause, before the MLP's down
+    projection, each holds the residual, the normed input and the MLP's intermediate."""
+    if not any(getattr(step, "sequential", False) for step in steps):
+        return 0
+    return data.num_samples * data.max_length * (2 * shape.hidden + shape.intermediate) * FP32
 
 
 def _forward_bytes(shape: ModelShape, batch: int, length: int, logits: bool) -> int:

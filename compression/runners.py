@@ -25,6 +25,7 @@ from torch import nn
 
 from squeezeflow.compression.models import find_blocks
 from squeezeflow.compression.progress import advance
+from squeezeflow.compression.sequential import Layouts, run_block_sequentially, sequential_step
 from squeezeflow.compression.step import (
     Needs,
     Step,
@@ -122,8 +123,21 @@ def run_layerwise(
     masks = [batch.get("attention_mask") for batch in calibration]  # observers skip padding
     reports: list[list[StepReport]] = [[] for _ in steps]
     bf16 = all(step.calibration_precision == "bf16" for step in steps)
+    sequential = sequential_step(steps)
+    layouts: Layouts = {}
     for index, block in enumerate(blocks):
         block_name = f"{prefix}.{index}"
+        last = index == len(blocks) - 1
+        if sequential is not None:  # one forward per batch, compressing group by group
+            report, outputs = run_block_sequentially(block, block_name, sequential, inputs, masks,
+                                                     last, bf16, layouts)
+            reports[0].append(report)
+            if not last:
+                inputs = [((output, *args[1:]), kwargs)
+                          for output, (args, kwargs) in zip(outputs, inputs, strict=True)]
+            _tell(progress, f"block {index + 1}/{len(blocks)} done")
+            advance("calibration blocks", index + 1, len(blocks))
+            continue
         selected = [step.select(block, block_name) for step in steps]
         with ExitStack() as observers, calibration_matmuls(bf16):
             for step, modules in zip(steps, selected, strict=True):
@@ -135,7 +149,7 @@ def run_layerwise(
         for step, modules, step_reports in zip(steps, selected, reports, strict=True):
             step_reports.append(step.apply(modules))  # exact fp32: apply does the math
         # The next block sees what this compressed block produces (the last has none).
-        if index < len(blocks) - 1:
+        if not last:
             with calibration_matmuls(bf16):
                 inputs = [((hidden_of(block(*args, **kwargs)), *args[1:]), kwargs)
                           for args, kwargs in inputs]

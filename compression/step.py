@@ -108,6 +108,19 @@ class Step(Generic[ConfigT]):
         return self.config.needs_whole_model
 
     @property
+    def sequential(self) -> bool:
+        """True when each group of selected modules sharing an input must be compressed
+        before the next group sees its input (GPTQ's true-sequential): the layer-wise
+        runners then go through `compression/sequential.py`, which observes only each
+        group's first module and calls `share_observation` for the others. Such a step
+        observes inputs only."""
+        return False
+
+    def share_observation(self, name: str, leader: str) -> None:
+        """Module `name` had the same inputs as `leader`: take what `leader` observed."""
+        raise NotImplementedError(f"{self.config.kind} cannot run true-sequentially")
+
+    @property
     def observes_inputs_only(self) -> bool:
         """True when `observe` reads nothing but the inputs of the selected modules
         (forward pre-hooks): a layer-wise runner may then cut a calibration forward short

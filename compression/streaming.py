@@ -66,6 +66,7 @@ from squeezeflow.compression.runners import (
     hidden_of,
     until_observed,
 )
+from squeezeflow.compression.sequential import Layouts, run_block_sequentially, sequential_step
 from squeezeflow.compression.shards import (
     MERGE_LIMIT_BYTES,
     SINGLE_FILE,
@@ -340,13 +341,14 @@ def stream_stage(
                 saved = load_file(str(work_folder / INPUTS_FILE), device=str(target))
                 inputs = [((saved.pop(str(i)), *args[1:]), kwargs)
                           for i, (args, kwargs) in enumerate(inputs)]
+        layouts: Layouts = {}  # true-sequential steps: the groups of each block layout
         for index in range(state.next_block, len(blocks)):
             block, block_name = blocks[index], f"{prefix}.{index}"
             loader.load({f"{block_name}.{n}" if n else block_name: m for n, m in block.named_modules()})
             block.to(target)
             before = model_digests(block)
             reports, inputs = _run_block(block, block_name, steps, mode, inputs, masks,
-                                         last=index == len(blocks) - 1)
+                                         last=index == len(blocks) - 1, layouts=layouts)
             state.changed = state.changed or model_digests(block) != before
             block.to("cpu")
             part = packed_tensors(block, block_name)
@@ -390,11 +392,17 @@ def stream_stage(
 
 def _run_block(
     block: nn.Module, block_name: str, steps: Sequence[Step[Any]], mode: Mode,
-    inputs: Inputs, masks: list[torch.Tensor | None], last: bool,
+    inputs: Inputs, masks: list[torch.Tensor | None], last: bool, layouts: Layouts,
 ) -> tuple[list[StepReport], Inputs]:
     """Compress one block; return each step's report and the next block's inputs."""
-    selected = [step.select(block, block_name) for step in steps]
     bf16 = all(step.calibration_precision == "bf16" for step in steps)
+    sequential = sequential_step(steps) if mode == "layerwise" else None
+    if sequential is not None:  # one forward per batch, compressing group by group
+        report, outputs = run_block_sequentially(block, block_name, sequential, inputs, masks,
+                                                 last, bf16, layouts)
+        return [report], [] if last else [((output, *args[1:]), kwargs)
+                                          for output, (args, kwargs) in zip(outputs, inputs, strict=True)]
+    selected = [step.select(block, block_name) for step in steps]
     if mode != "none":
         with ExitStack() as observers, calibration_matmuls(bf16):
             for step, modules in zip(steps, selected, strict=True):

@@ -79,6 +79,12 @@ def test_gptq_hessians_are_per_linear_of_one_block_and_activations_per_token() -
     kept = (tokens * (H + 2 * (H // HEADS)) + 16 * 32 * 32) * FP32  # hidden, cos/sin, mask
     one_batch = (4 * 32 * (6 * H + 3 * MLP) + 4 * HEADS * 32 * 32) * FP32
     assert estimate.activations == 2 * kept + one_batch
+    # true-sequential: every batch's forward is alive, paused before down_proj at worst
+    sequential = CATALOG.parse({"kind": "gptq", "bits": 4, "group_size": 32, "sequential": True})
+    for stream in (False, True):
+        paused = estimate_stage("q", [sequential], shape, data, None, stream=stream).activations
+        plain = estimate_stage("q", [GPTQ], shape, data, None, stream=stream).activations
+        assert paused - plain == tokens * (2 * H + MLP) * FP32
 
 
 def test_estimate_grows_with_samples_length_and_parameters() -> None:

@@ -29,6 +29,11 @@ class GPTQConfig(StepConfig):
     # bf16: calibration forwards and Hessians use bf16 matmuls (fp32 accumulation) on
     # CPUs with native bf16; the GPTQ solve itself always runs in fp32
     calibration_precision: Precision = "bf16"
+    # true: each group of Linears sharing an input (q/k/v, o, gate/up, down) is quantized
+    # before the next group's Hessian is taken, on what the quantized groups produce
+    # (GPTQModel's true_sequential); one calibration forward per block instead of ~1.8,
+    # for all batches' activations alive at once (compression/sequential.py)
+    sequential: bool = False
 
     @model_validator(mode="after")
     def _backend_options(self) -> GPTQConfig:

@@ -58,6 +58,7 @@ def gptqmodel_quantize_config(config: GPTQConfig) -> Any:
         act_group_aware=False,  # GPTQModel's own reordering: off, to run plain GPTQ
         static_groups=config.static_groups,
         damp_percent=config.damp,
+        true_sequential=config.sequential,  # GPTQModel's default is True; ours False
         offload_to_disk=False,  # small models: no temporary shards on disk
     )
 

@@ -14,6 +14,7 @@ on the columns not yet rounded. Works on nn.Linear and GPT-2's Conv1D.
   static_groups: false # grids from the original weights (keeps g_idx monotone with act_order)
   damp: 0.01           # fraction of mean diag(H) added to the diagonal
   calibration_precision: bf16  # fp32 = exact calibration matmuls (slower on CPUs with native bf16)
+  sequential: false    # true: quantize q/k/v, then o, ... each on what the quantized ones give
 - kind: gptq
   backend: gptqmodel   # causal LMs: GPTQModel quantizes and writes a standard GPTQ checkpoint
   bits: 4
@@ -79,6 +80,13 @@ class GPTQStep(Step[GPTQConfig]):
     @property
     def observes_inputs_only(self) -> bool:
         return True  # forward pre-hooks on the selected Linears only
+
+    @property
+    def sequential(self) -> bool:
+        return self.config.sequential
+
+    def share_observation(self, name: str, leader: str) -> None:
+        self.hessian_by_module[name] = self.hessian_by_module[leader]  # one H: one stacked pass
 
     @contextmanager
     def observe(self, modules: dict[str, nn.Module]) -> Iterator[None]:
