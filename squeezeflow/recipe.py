@@ -214,6 +214,12 @@ class Recipe(StrictModel):
                     f"stages.{index}.steps: {structural[0]} changes the model's structure and "
                     "must be the only step of its stage"
                 )
+            sequential = [step.kind for step in stage.steps if getattr(step, "sequential", False)]
+            if sequential and len(stage.steps) > 1:
+                raise ValueError(
+                    f"stages.{index}.steps: {sequential[0]} with sequential: true must be the "
+                    "only step of its stage"
+                )
             if stage.needs() & CALIBRATION_NEEDS and self.calibration is None:
                 raise ValueError(
                     f"stages.{index} ({stage.name}) has steps that need calibration data; "

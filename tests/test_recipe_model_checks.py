@@ -69,6 +69,8 @@ def _write(folder: Path, raw: dict[str, object]) -> Path:
          "stages.0.steps.0.experts: model type 'llama' has no experts"),
         ([{"kind": "depth", "remove": 1}, {"kind": "rtn", "bits": 8}],
          "stages.0.steps: depth changes the model's structure and must be the only step of its stage"),
+        ([{"kind": "gptq", "sequential": True, "targets": ["*q_proj"]}, {"kind": "rtn", "targets": ["*o_proj"]}],
+         "stages.0.steps: gptq with sequential: true must be the only step of its stage"),
     ],
 )
 def test_steps_the_model_cannot_meet_name_the_field(
