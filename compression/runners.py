@@ -13,6 +13,7 @@ layer-wise.
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import inspect
 import logging
@@ -251,6 +252,26 @@ def capture_block_inputs(
     finally:
         handle.remove()
     return captured
+
+
+def release_freed_memory() -> None:
+    """Make glibc hand large freed blocks back to the system (fixed 1 MiB mmap threshold).
+
+    By default glibc raises its mmap threshold each time a big block is freed, so later
+    tensors of up to 32 MiB come from the heap, whose freed space stays resident. A
+    streamed stage frees a block's worth of tensors for every block: measured on a 1B
+    Llama with GPTQ, resident memory between blocks went from 1.4-1.7 GB to 1.1 GB and
+    the peak from 2.58 to 2.40 GB with the threshold fixed. True-sequential GPTQ frees
+    in one thread per calibration batch, each with its own heap arena: a 2-block 134M
+    Llama peaked at 3512 MB by default, 1765 MB with the threshold fixed (1427 MB in the
+    default mode). No-op off glibc.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_mmap_threshold = -3  # from <malloc.h>
+    libc.mallopt(m_mmap_threshold, 1 << 20)
 
 
 def hidden_of(output: Any) -> torch.Tensor:

@@ -61,8 +61,9 @@ def run_block_sequentially(
     """Compress `block` group by group with one forward per calibration batch; return the
     step's report and the block's outputs (empty when `last`: they would feed nothing).
     `layouts` remembers the groups of each block layout across calls."""
-    from squeezeflow.compression.runners import calibration_matmuls
+    from squeezeflow.compression.runners import calibration_matmuls, release_freed_memory
 
+    release_freed_memory()  # freed in one heap arena per thread otherwise: stays resident
     modules = step.select(block, block_name)
     relative = tuple(name.removeprefix(f"{block_name}.") for name in modules)
     layout = (type(block).__qualname__, relative)
