@@ -1,5 +1,6 @@
 """Our GPTQ vs GPTQModel vs RTN, same config (4-bit, group 128, symmetric, damp 0.01,
-no activation order) and the same calibration tokens.
+no activation order, true-sequential as GPTQModel's default) and the same calibration
+tokens.
 
 - quality: a small Llama trained here for a few minutes on generated sentences;
   held-out perplexity of the base, RTN, our GPTQ and GPTQModel's GPTQ. GPTQModel's
@@ -11,9 +12,9 @@ no activation order) and the same calibration tokens.
   (load included).
 
 Usage: python benchmarks/gptq_vs_reference.py [--quick] [--threads N] [--precision bf16|fp32]
-       [--sequential]
+       [--no-sequential]
 (--quick: tiny cost model, smoke test; --precision: our GPTQ's calibration_precision;
---sequential: both GPTQs true-sequential, GPTQModel's own default; without it neither is)
+both GPTQs run true-sequential, GPTQModel's default, unless --no-sequential: then neither)
 Last line: one JSON object with base_ppl, rtn_ppl, ours_ppl, gptqmodel_ppl, ours_s,
 gptqmodel_s, ours_peak_mb, gptqmodel_peak_mb, sequential.
 """
@@ -57,9 +58,10 @@ def main() -> None:
                         help="torch threads of every quantizer (GPTQModel: at least 2 workers)")
     parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16",
                         help="our GPTQ's calibration_precision (default: its default, bf16)")
-    parser.add_argument("--sequential", action="store_true",
+    parser.add_argument("--sequential", action=argparse.BooleanOptionalAction, default=True,
                         help="both GPTQs quantize each group of Linears before the next group's "
-                             "inputs are taken (GPTQModel's default true_sequential)")
+                             "inputs are taken (default: on, GPTQModel's default true_sequential; "
+                             "--no-sequential: neither does)")
     parser.add_argument("--worker", choices=["ours", "gptqmodel", "rtn"], help=argparse.SUPPRESS)
     parser.add_argument("--model", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--calibration", type=Path, help=argparse.SUPPRESS)
@@ -207,7 +209,7 @@ def cost_run(name: str, scratch: Path, quick: bool, threads: int, precision: str
         del model
     command = [sys.executable, __file__, "--worker", name, "--model", str(model_dir),
                "--calibration", str(calibration_file), "--threads", str(threads),
-               "--precision", precision] + (["--sequential"] if sequential else [])
+               "--precision", precision, "--sequential" if sequential else "--no-sequential"]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"{name} worker failed:\n{done.stderr[-4000:]}")

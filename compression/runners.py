@@ -261,10 +261,7 @@ def release_freed_memory() -> None:
     tensors of up to 32 MiB come from the heap, whose freed space stays resident. A
     streamed stage frees a block's worth of tensors for every block: measured on a 1B
     Llama with GPTQ, resident memory between blocks went from 1.4-1.7 GB to 1.1 GB and
-    the peak from 2.58 to 2.40 GB with the threshold fixed. True-sequential GPTQ frees
-    in one thread per calibration batch, each with its own heap arena: a 2-block 134M
-    Llama peaked at 3512 MB by default, 1765 MB with the threshold fixed (1427 MB in the
-    default mode). No-op off glibc.
+    the peak from 2.58 to 2.40 GB with the threshold fixed. No-op off glibc.
     """
     try:
         libc = ctypes.CDLL("libc.so.6")
