@@ -21,7 +21,6 @@ calibration tokens x (hidden + intermediate) x 4 bytes more than the default mod
 
 from __future__ import annotations
 
-import ctypes
 import threading
 import weakref
 from collections.abc import Sequence
@@ -62,9 +61,12 @@ def run_block_sequentially(
     """Compress `block` group by group with one forward per calibration batch; return the
     step's report and the block's outputs (empty when `last`: they would feed nothing).
     `layouts` remembers the groups of each block layout across calls."""
-    from squeezeflow.compression.runners import calibration_matmuls
+    from squeezeflow.compression.runners import calibration_matmuls, release_freed_memory
 
-    one_heap_arena()  # before the threads start: each would get an arena of its own
+    # Each batch thread allocates from a heap arena of its own, where what it frees stays
+    # resident: a 134M Llama (128 x 256 tokens) peaked at 3989 MB that way, 2022 MB with
+    # large tensors mmapped (glibc's mmap threshold fixed, as a streamed stage does).
+    release_freed_memory()
     modules = step.select(block, block_name)
     relative = tuple(name.removeprefix(f"{block_name}.") for name in modules)
     layout = (type(block).__qualname__, relative)
@@ -90,40 +92,10 @@ def run_block_sequentially(
                 forwards.stop()  # the last block's outputs feed nothing
             with calibration_matmuls(bf16):
                 forwards.advance(index)
-            _trim_heap()
     report = reports[0]
     for other in reports[1:]:
         report = report.merge(other)
     return report, [] if last else forwards.outputs()
-
-
-def one_heap_arena() -> None:
-    """Make threads started from now on allocate from the heap arena that exists (glibc's
-    M_ARENA_MAX = 1). By default each calibration-batch thread gets an arena of its own,
-    and what a forward frees stays resident in it, unused by the others: a 3-block 134M
-    Llama (128 x 256 tokens) peaked at 3637 MB that way. Fixing the mmap threshold
-    instead (`runners.release_freed_memory`, as a streamed stage does) gave 1799 MB but
-    cost 18 % more time (every large tensor faulted in anew); one arena, trimmed after
-    every group (`_trim_heap`), gave 2312 MB at the speed of the default allocator.
-    No-op off glibc."""
-    libc = _libc()
-    if libc is not None:
-        m_arena_max = -8  # from <malloc.h>
-        libc.mallopt(m_arena_max, 1)
-
-
-def _trim_heap() -> None:
-    """Hand the heap's free pages back to the system (glibc's malloc_trim)."""
-    libc = _libc()
-    if libc is not None:
-        libc.malloc_trim(0)
-
-
-def _libc() -> ctypes.CDLL | None:
-    try:
-        return ctypes.CDLL("libc.so.6")
-    except OSError:
-        return None
 
 
 class _Probed(Exception):
