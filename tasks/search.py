@@ -31,7 +31,7 @@ def run_trial(raw: dict[str, Any], number: int, values: Point, constraints: tupl
     concurrent trials cores / N, so N workers do not each spread over every core."""
     import torch
 
-    from squeezeflow.flows.compress import measure_recipe  # the compress flow's own steps
+    from squeezeflow.tasks.measure import measure_recipe  # the compress flow's own steps
 
     if threads is not None:
         torch.set_num_threads(threads)
