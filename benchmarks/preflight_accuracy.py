@@ -10,7 +10,7 @@ The rtn output is then evaluated against the base (`evaluation/suite.py: evaluat
 quality + latency + size) in another fresh process, against the evaluation estimate.
 
 Usage: python benchmarks/preflight_accuracy.py [--samples 32] [--length 128] [--batch 8]
-       [--models 512x8,768x8] [--methods rtn,gptq] [--dtype fp32|bf16]
+       [--models 512x8,768x8] [--methods rtn,gptq,gptq-sequential] [--dtype fp32|bf16]
        [--eval-samples 64] [--eval-batch 16]
 Last line: one JSON object {"rows": [{"model", "dtype", "params", "method", "measured_mb",
 "estimated_mb", "ratio"}, ...]}.
@@ -28,7 +28,9 @@ from pathlib import Path
 from squeezeflow.compression.preflight import DataSize
 
 METHODS = {"rtn": {"kind": "rtn", "bits": 4, "group_size": 128},
-           "gptq": {"kind": "gptq", "bits": 4, "group_size": 128}}
+           "gptq": {"kind": "gptq", "bits": 4, "group_size": 128},
+           # true-sequential: every batch's block forward alive at once
+           "gptq-sequential": {"kind": "gptq", "bits": 4, "group_size": 128, "sequential": True}}
 VOCAB = 32000  # Llama's vocabulary: the embeddings and head weigh as in a real model
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -13,8 +14,10 @@ from torch import nn
 
 from squeezeflow import sampledata
 from squeezeflow.compression.artifact import load_compressed
+from squeezeflow.compression.catalog import CATALOG
 from squeezeflow.compression.data import tokenized_batches
 from squeezeflow.compression.models import find_blocks
+from squeezeflow.compression.pruning.sparsegpt.config import SparseGPTConfig
 from squeezeflow.compression.quantization.gptq.gptqmodel_backend import gptqmodel_quantize_config
 from squeezeflow.compression.quantization.gptq.step import GPTQConfig, GPTQStep
 from squeezeflow.compression.quantization.rtn.step import RTNConfig, RTNStep
@@ -34,16 +37,16 @@ def _calibration(tokenizer: object, count: int = 12, batch_size: int = 4) -> lis
                                   batch_size=batch_size, max_length=32))
 
 
-def _replayed(model: nn.Module, config: GPTQConfig, calibration: list[dict[str, torch.Tensor]]) -> None:
-    """True-sequential GPTQ the plain way: per block, per group of Linears sharing an
-    input, a full forward of every batch observes the group, which is then quantized;
+def _replayed(model: nn.Module, config: Any, calibration: list[dict[str, torch.Tensor]]) -> None:
+    """True-sequential compression the plain way: per block, per group of Linears sharing
+    an input, a full forward of every batch observes the group, which is then compressed;
     a last forward gives the next block's inputs."""
     prefix, blocks = find_blocks(model)
     inputs = capture_block_inputs(model, blocks[0], calibration)
     masks = [batch.get("attention_mask") for batch in calibration]
     for index, block in enumerate(blocks):
         for group in LLAMA_GROUPS:
-            step = GPTQStep(config.model_copy(update={"sequential": False}))
+            step = CATALOG.build(config.model_copy(update={"sequential": False}))
             modules = {f"{prefix}.{index}.{name}": block.get_submodule(name) for name in group}
             with step.observe(modules):
                 for (args, kwargs), mask in zip(inputs, masks, strict=True):
@@ -53,17 +56,21 @@ def _replayed(model: nn.Module, config: GPTQConfig, calibration: list[dict[str, 
         inputs = [((hidden_of(block(*args, **kwargs)), *args[1:]), kwargs) for args, kwargs in inputs]
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_one_paused_forward_per_batch_equals_a_replay_per_group(precision: str) -> None:
+@pytest.mark.parametrize("config", [
+    GPTQConfig(bits=3, group_size=32, sequential=True, calibration_precision="fp32"),
+    GPTQConfig(bits=3, group_size=32, sequential=True, calibration_precision="bf16"),
+    SparseGPTConfig(sparsity=0.5, sequential=True),
+    SparseGPTConfig(pattern="2:4", bits=4, group_size=32, sequential=True),
+], ids=["gptq-fp32", "gptq-bf16", "sparsegpt", "sparsegpt-2:4-int4"])
+def test_one_paused_forward_per_batch_equals_a_replay_per_group(config: Any) -> None:
     model, tokenizer = tiny_llama(layers=3)
     calibration = _calibration(tokenizer)
-    config = GPTQConfig(bits=3, group_size=32, sequential=True, calibration_precision=precision)
     expected = copy.deepcopy(model)
     with torch.no_grad():
         _replayed(expected, config, calibration)
     default = copy.deepcopy(model)
-    run_stage_steps(default, [GPTQStep(config.model_copy(update={"sequential": False}))], calibration)
-    reports = run_stage_steps(model, [GPTQStep(config)], calibration)
+    run_stage_steps(default, [CATALOG.build(config.model_copy(update={"sequential": False}))], calibration)
+    reports = run_stage_steps(model, [CATALOG.build(config)], calibration)
     differs = False
     for (name, tensor), (_, wanted), (_, plain) in zip(model.state_dict().items(),
                                                        expected.state_dict().items(),

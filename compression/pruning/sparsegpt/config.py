@@ -23,6 +23,10 @@ class SparseGPTConfig(SparsityConfig):
     symmetric: bool = True  # symmetric grids are what fast int kernels expect
     block_size: int = Field(128, ge=1)  # columns per lazy-update block (the paper's B)
     damp: float = Field(0.01, gt=0.0)  # keeps H positive definite on rank-deficient calibration
+    # true: each group of Linears sharing an input is pruned before the next group's
+    # Hessian is taken (the reference code's --true-sequential), in one calibration
+    # forward per block (compression/sequential.py); as gptq's `sequential`
+    sequential: bool = False
 
     @field_validator("bits")
     @classmethod

@@ -12,6 +12,7 @@ sparsity + quantization); the result is packed by the artifact like RTN/GPTQ.
   pattern: "2:4"     # or N:M
   bits: 4            # joint: also quantize the kept weights (2, 3, 4 or 8; null = fp)
   group_size: 128
+  sequential: true   # q/k/v first, then o, ... each pruned on what the pruned ones give
 ```
 """
 
@@ -40,6 +41,13 @@ class SparseGPTStep(Step[SparseGPTConfig]):
     @property
     def observes_inputs_only(self) -> bool:
         return True  # forward pre-hooks on the selected Linears only
+
+    @property
+    def sequential(self) -> bool:
+        return self.config.sequential
+
+    def share_observation(self, name: str, leader: str) -> None:
+        self.gram_by_module[name] = self.gram_by_module[leader]
 
     @contextmanager
     def observe(self, modules: dict[str, nn.Module]) -> Iterator[None]:
