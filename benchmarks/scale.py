@@ -12,7 +12,7 @@ Models: 1b (TinyLlama's shape: hidden 2048, MLP 5632, 22 blocks, 32 heads / 4 KV
 8b (Llama-3-8B's shape: hidden 4096, MLP 14336, 32 blocks, 32 heads / 8 KV heads);
 vocabulary 32000 for both.
 
-Usage: python benchmarks/scale.py --model 1b --method gptq [--samples 128] [--length 256]
+Usage: python benchmarks/scale.py --model 1b --method gptq|gptq-sequential|rtn [--samples 128] [--length 256]
        [--generate] [--keep-output] [--resume]
 Last line: one JSON object {"models": [{"model", "params", "method", "samples", "length",
 "peak_rss_mb", "seconds", "block_seconds", "model_gb_on_disk", "generate": {...}}]}.
@@ -46,7 +46,9 @@ SHAPES: dict[str, dict[str, int]] = {
 VOCAB = 32000
 SHARD_BYTES = 2 * 1024**3  # about 2 GB per input shard, as hub checkpoints are split
 METHODS = {"rtn": {"kind": "rtn", "bits": 4, "group_size": 128},
-           "gptq": {"kind": "gptq", "bits": 4, "group_size": 128}}
+           "gptq": {"kind": "gptq", "bits": 4, "group_size": 128},
+           # true-sequential: one calibration forward per block, every batch's alive at once
+           "gptq-sequential": {"kind": "gptq", "bits": 4, "group_size": 128, "sequential": True}}
 
 
 def build(folder: Path, shape: dict[str, int]) -> None:
