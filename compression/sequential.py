@@ -15,8 +15,9 @@ Cost: one block forward per batch (the default mode runs an observing forward cu
 and a recompute: about 1.8), plus, once per block layout, a probe forward of the first
 batch that learns the groups; each later block checks them as its forwards run. Memory:
 every batch's forward is alive at once, holding what it holds at a pause (for a Llama
-block at down_proj: the residual and the MLP's intermediate activations), i.e. about
-calibration tokens x (hidden + intermediate) x 4 bytes more than the default mode.
+block at down_proj: the residual, the normed input and the MLP's intermediate
+activations), i.e. about calibration tokens x (2 hidden + intermediate) x 4 bytes more
+than the default mode (`preflight._paused_forwards`).
 """
 
 from __future__ import annotations

@@ -21,7 +21,12 @@ from squeezeflow.compression.pruning.sparsegpt.config import SparseGPTConfig
 from squeezeflow.compression.quantization.gptq.gptqmodel_backend import gptqmodel_quantize_config
 from squeezeflow.compression.quantization.gptq.step import GPTQConfig, GPTQStep
 from squeezeflow.compression.quantization.rtn.step import RTNConfig, RTNStep
-from squeezeflow.compression.runners import capture_block_inputs, hidden_of, run_stage_steps
+from squeezeflow.compression.runners import (
+    calibration_matmuls,
+    capture_block_inputs,
+    hidden_of,
+    run_stage_steps,
+)
 from squeezeflow.compression.sequential import input_groups
 from squeezeflow.compression.step import calibration_tokens
 from squeezeflow.compression.streaming import stream_stage
@@ -44,16 +49,19 @@ def _replayed(model: nn.Module, config: Any, calibration: list[dict[str, torch.T
     prefix, blocks = find_blocks(model)
     inputs = capture_block_inputs(model, blocks[0], calibration)
     masks = [batch.get("attention_mask") for batch in calibration]
+    # bf16 calibration matmuls where this CPU has them, as the runners use (apply: fp32)
+    bf16 = CATALOG.build(config).calibration_precision == "bf16"
     for index, block in enumerate(blocks):
         for group in LLAMA_GROUPS:
             step = CATALOG.build(config.model_copy(update={"sequential": False}))
             modules = {f"{prefix}.{index}.{name}": block.get_submodule(name) for name in group}
-            with step.observe(modules):
+            with step.observe(modules), calibration_matmuls(bf16):
                 for (args, kwargs), mask in zip(inputs, masks, strict=True):
                     with calibration_tokens(mask):
                         block(*args, **kwargs)
             step.apply(modules)
-        inputs = [((hidden_of(block(*args, **kwargs)), *args[1:]), kwargs) for args, kwargs in inputs]
+        with calibration_matmuls(bf16):
+            inputs = [((hidden_of(block(*args, **kwargs)), *args[1:]), kwargs) for args, kwargs in inputs]
 
 
 @pytest.mark.parametrize("config", [
