@@ -23,7 +23,7 @@ apply_defaults()
 
 from prefect import flow  # noqa: E402
 from prefect.futures import PrefectFuture, as_completed  # noqa: E402
-from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner  # noqa: E402
+from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner  # noqa: E402
 
 from squeezeflow.compression.search.space import (  # noqa: E402
     Point,
@@ -208,6 +208,8 @@ def task_runner(cluster: Cluster, workers: int, address: str | None = None) -> T
             cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True,
                             "dashboard_address": None},
         )
+    if workers == 1:  # one trial at a time: in this process, which has imported the trial's code
+        return ThreadPoolTaskRunner(max_workers=1)
     return ProcessPoolTaskRunner(max_workers=workers)
 
 

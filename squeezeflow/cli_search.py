@@ -108,7 +108,7 @@ def search(
     cluster: Annotated[Literal["local", "dask"], typer.Option(
         help="local: a pool of local processes; dask: a Dask cluster (prefect-dask)")] = "local",
     workers: Annotated[int, typer.Option(
-        min=1, help="worker processes, and the most trials in flight at once")] = 2,
+        min=1, help="worker processes, and the most trials in flight at once (1: trials run in this process)")] = 2,
     address: Annotated[str | None, typer.Option(
         help="an existing Dask scheduler (tcp://host:8786) instead of a LocalCluster")] = None,
     resume: Annotated[bool, typer.Option(

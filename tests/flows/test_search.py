@@ -242,7 +242,7 @@ def test_killed_search_resumes_with_only_the_missing_trials(
 
 
 def test_goals_and_task_runners() -> None:
-    from prefect.task_runners import ProcessPoolTaskRunner
+    from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
     from prefect_dask import DaskTaskRunner
 
     from squeezeflow.compression.search.space import TrialOutcome
@@ -263,6 +263,8 @@ def test_goals_and_task_runners() -> None:
     assert _goals_met(spec, [outcome(1.2, True), outcome(1.01, True)])
 
     assert isinstance(task_runner("local", 3), ProcessPoolTaskRunner)
+    serial = task_runner("local", 1)  # one trial at a time: in the search's process
+    assert isinstance(serial, ThreadPoolTaskRunner) and serial._max_workers == 1
     local = task_runner("dask", 3)
     assert isinstance(local, DaskTaskRunner)
     assert local.cluster_kwargs == {"n_workers": 3, "threads_per_worker": 1, "processes": True,
