@@ -8,14 +8,22 @@ base value.
 Speeds are measured with base and candidate interleaved in one loop (see
 `evaluation/latency.py`), and the report's tags say what they ran on: the CPU, its
 vector capability, the torch build, the thread count and which packed kernels ran.
+
+The base's side of the quality metrics (its perplexity, its embeddings) depends only
+on the base, the texts and the settings, so it can be kept between evaluations against
+the same base (`ReferenceCache`): a search's trials, or a recipe run again, compute it
+once. Speeds are never kept: they are measured side by side each time.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import logging
 import statistics
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -24,6 +32,7 @@ from pydantic import BaseModel, Field
 from squeezeflow.compression.artifact import load_compressed
 from squeezeflow.compression.data import tokenized_batches
 from squeezeflow.compression.families import family
+from squeezeflow.compression.integrity import atomic_write_bytes
 from squeezeflow.compression.models import LoadedModel, ModelKind, mean_pooled_embeddings
 from squeezeflow.evaluation import fidelity
 from squeezeflow.evaluation.bitstack_curve import curve_metrics, is_bitstack, size_quality_curve
@@ -65,6 +74,51 @@ class EvaluationReport(BaseModel):
 
 Progress = Callable[[str], None]
 
+# The base's side of a quality evaluation: named tensors (a perplexity, embeddings).
+Reference = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class ReferenceCache:
+    """Where the base's quality references are kept between evaluations.
+
+    `base_id` must change whenever the base's outputs could: the caller's hash of the
+    base's files together with the code and library versions that compute them. The
+    texts, the evaluator and the settings that shape the batches are added here.
+    A file that cannot be read is computed again; one that cannot be written only
+    costs the time."""
+
+    folder: Path
+    base_id: str
+
+    def path(self, evaluator: str, texts: list[str], settings: EvaluationSettings) -> Path:
+        digest = hashlib.sha256()
+        for part in (self.base_id, evaluator, str(settings.batch_size), str(settings.max_length)):
+            digest.update(part.encode() + b"\0")
+        for text in texts:
+            digest.update(text.encode() + b"\0")
+        return self.folder / f"{digest.hexdigest()}.pt"
+
+    def read(self, path: Path) -> Reference | None:
+        try:
+            stored = torch.load(path, weights_only=True)
+        except FileNotFoundError:
+            return None
+        except Exception as error:  # a damaged entry is recomputed, not trusted
+            log.warning("base reference %s unreadable (%s); computing it again", path.name, error)
+            return None
+        if not isinstance(stored, dict) or not all(isinstance(v, torch.Tensor) for v in stored.values()):
+            return None
+        return stored
+
+    def write(self, path: Path, reference: Reference) -> None:
+        buffer = io.BytesIO()
+        torch.save(reference, buffer)
+        try:
+            atomic_write_bytes(path, buffer.getvalue())
+        except OSError as error:
+            log.warning("base reference not kept in %s: %s", self.folder, error)
+
 
 def evaluate(
     base_dir: Path,
@@ -72,8 +126,10 @@ def evaluate(
     texts: list[str],
     settings: EvaluationSettings,
     progress: Progress | None = None,
+    references: ReferenceCache | None = None,
 ) -> EvaluationReport:
-    """Measure base and candidate on `texts`; both see the same batches and settings."""
+    """Measure base and candidate on `texts`; both see the same batches and settings.
+    `references`: where the base's side of the quality metrics is kept (None: computed)."""
     tell = progress or (lambda message: log.info(message))
     # Both as a user loads them (`squeezeflow.load_compressed`): quantized Linears run
     # on packed kernels, so quality and latency are those of the packed runtime.
@@ -84,7 +140,7 @@ def evaluate(
     metrics: dict[str, float] = {}
     if "quality" in settings.suites:
         tell("evaluating quality")
-        metrics |= _quality(base, candidate, texts, settings)
+        metrics |= _quality(base, candidate, texts, settings, references)
         if is_bitstack(candidate_dir):  # one artifact, every size: its quality at several budgets
             tell("evaluating the BitStack size/quality curve")
             metrics |= curve_metrics(size_quality_curve(
@@ -150,22 +206,45 @@ QualityEvaluator = Callable[[LoadedModel, LoadedModel, list[str], EvaluationSett
                             dict[str, float]]
 
 
+@dataclass(frozen=True)
+class AgainstReference:
+    """A quality evaluator in two parts: the base's side (`reference`, which depends on
+    the base, the texts and the settings only, so it can be kept) and the comparison of
+    a candidate with it (`compare`)."""
+
+    reference: Callable[[LoadedModel, list[str], EvaluationSettings], Reference]
+    compare: Callable[[Reference, LoadedModel, list[str], EvaluationSettings], dict[str, float]]
+
+
 def _quality(
-    base: LoadedModel, candidate: LoadedModel, texts: list[str], settings: EvaluationSettings
+    base: LoadedModel, candidate: LoadedModel, texts: list[str], settings: EvaluationSettings,
+    references: ReferenceCache | None = None,
 ) -> dict[str, float]:
     """The quality metrics of the candidate's model family, by the family's evaluator."""
     name = family(candidate.kind).evaluator
     if name not in QUALITY_EVALUATORS:
         raise ValueError(f"model family {candidate.kind!r} names quality evaluator {name!r}; "
                          f"known evaluators: {', '.join(sorted(QUALITY_EVALUATORS))}")
-    return QUALITY_EVALUATORS[name](base, candidate, texts, settings)
+    evaluator = QUALITY_EVALUATORS[name]
+    if not isinstance(evaluator, AgainstReference):
+        return evaluator(base, candidate, texts, settings)
+    path = references.path(name, texts, settings) if references is not None else None
+    reference = references.read(path) if references is not None and path is not None else None
+    if reference is None:
+        reference = evaluator.reference(base, texts, settings)
+        if references is not None and path is not None:
+            references.write(path, reference)
+    return evaluator.compare(reference, candidate, texts, settings)
 
 
-def _fidelity_quality(
-    base: LoadedModel, candidate: LoadedModel, texts: list[str], settings: EvaluationSettings
-) -> dict[str, float]:
+def _embeddings(loaded: LoadedModel, texts: list[str], settings: EvaluationSettings) -> Reference:
+    return {"embeddings": embed(loaded, texts, settings)}
+
+
+def _fidelity(reference: Reference, candidate: LoadedModel, texts: list[str],
+              settings: EvaluationSettings) -> dict[str, float]:
     """Agreement of the candidate's embeddings with the base's on the same texts."""
-    base_emb, cand_emb = embed(base, texts, settings), embed(candidate, texts, settings)
+    base_emb, cand_emb = reference["embeddings"], embed(candidate, texts, settings)
     return {
         "fidelity_cosine": fidelity.mean_cosine(base_emb, cand_emb),
         "fidelity_spearman": fidelity.similarity_spearman(base_emb, cand_emb),
@@ -173,16 +252,23 @@ def _fidelity_quality(
     }
 
 
-def _perplexity_quality(
-    base: LoadedModel, candidate: LoadedModel, texts: list[str], settings: EvaluationSettings
-) -> dict[str, float]:
+def _perplexity_of(loaded: LoadedModel, texts: list[str], settings: EvaluationSettings) -> float:
+    batches = tokenized_batches(
+        texts, loaded.tokenizer, batch_size=settings.batch_size, max_length=settings.max_length
+    )
+    return perplexity(loaded.model, batches)
+
+
+def _base_perplexity(base: LoadedModel, texts: list[str], settings: EvaluationSettings) -> Reference:
+    # float64 keeps the Python float perplexity() returned exactly
+    return {"perplexity": torch.tensor(_perplexity_of(base, texts, settings), dtype=torch.float64)}
+
+
+def _perplexity_ratio(reference: Reference, candidate: LoadedModel, texts: list[str],
+                      settings: EvaluationSettings) -> dict[str, float]:
     """Perplexity of base and candidate on the same texts, and their ratio."""
-    scores = {}
-    for prefix, loaded in (("base_", base), ("", candidate)):
-        batches = tokenized_batches(
-            texts, loaded.tokenizer, batch_size=settings.batch_size, max_length=settings.max_length
-        )
-        scores[prefix + "perplexity"] = perplexity(loaded.model, batches)
+    scores = {"base_perplexity": float(reference["perplexity"]),
+              "perplexity": _perplexity_of(candidate, texts, settings)}
     scores["perplexity_ratio"] = scores["perplexity"] / scores["base_perplexity"]
     return scores
 
@@ -204,10 +290,11 @@ def _tasks(
 
 
 # Quality evaluators by the name a model family gives (compression/families.py); a new
-# family registers its own here (`QUALITY_EVALUATORS["name"] = function`).
-QUALITY_EVALUATORS: dict[str, QualityEvaluator] = {
-    "fidelity": _fidelity_quality,
-    "perplexity": _perplexity_quality,
+# family registers its own here (`QUALITY_EVALUATORS["name"] = function`, or an
+# `AgainstReference` whose base side is kept between evaluations).
+QUALITY_EVALUATORS: dict[str, QualityEvaluator | AgainstReference] = {
+    "fidelity": AgainstReference(reference=_embeddings, compare=_fidelity),
+    "perplexity": AgainstReference(reference=_base_perplexity, compare=_perplexity_ratio),
 }
 
 

@@ -66,7 +66,7 @@ def measure_recipe(recipe: Recipe, use_cache: bool = True) -> Measured:
         current = result.checkpoint
 
     settings = recipe.evaluation.model_copy()
-    report = evaluate_candidate(base, current, evaluation_data, settings)
+    report = evaluate_candidate(base, current, evaluation_data, settings, use_cache=use_cache)
     gates = gate_results(recipe.gates, report.metrics)
     exports = [export_candidate(current, spec.format) for spec in recipe.export]
     data_sha256 = {"evaluation": evaluation_data.sha256}

@@ -42,7 +42,12 @@ from squeezeflow.compression.progress import scope as progress_scope
 from squeezeflow.compression.step import TrainingContext
 from squeezeflow.evaluation.gates import Gate, GateResult, check_gates
 from squeezeflow.evaluation.report import comparison_rows
-from squeezeflow.evaluation.suite import EvaluationReport, EvaluationSettings, evaluate
+from squeezeflow.evaluation.suite import (
+    EvaluationReport,
+    EvaluationSettings,
+    ReferenceCache,
+    evaluate,
+)
 from squeezeflow.recipe import TRAINING_NEEDS, DataSpec, ModelSpec, StageSpec
 from squeezeflow.registry.card import model_card
 from squeezeflow.registry.records import RegisteredVersion, RunRecord
@@ -287,8 +292,11 @@ def training_inputs(
 
 @task(name="evaluate", cache_policy=NONE)
 def evaluate_candidate(
-    base: CheckpointRef, candidate: CheckpointRef, data: DataRef, settings: EvaluationSettings
+    base: CheckpointRef, candidate: CheckpointRef, data: DataRef, settings: EvaluationSettings,
+    use_cache: bool = True,
 ) -> EvaluationReport:
+    """Evaluate against the base; the base's side of the quality metrics is kept in the
+    workspace (`use_cache`), so trials and reruns against the same base compute it once."""
     phases: list[str] = []  # what the evaluation has started, in order
 
     def tell(message: str) -> None:
@@ -296,8 +304,10 @@ def evaluate_candidate(
         advance("evaluation", len(phases), None, message)
         phases.append(message)
 
+    references = (ReferenceCache(workspace() / "references", f"{base.sha256} {code_version()}")
+                  if use_cache else None)
     report = evaluate(Path(base.path), Path(candidate.path), read_texts(data), settings,
-                      progress=tell)
+                      progress=tell, references=references)
     advance("evaluation", len(phases), len(phases), "done")
     return report
 
