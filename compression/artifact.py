@@ -37,7 +37,13 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from squeezeflow.compression.formats import FORMATS, Take, UnknownFormatError, stored_linears
+from squeezeflow.compression.formats import (
+    FORMATS,
+    Take,
+    UnknownFormatError,
+    remaining_tensors,
+    stored_linears,
+)
 from squeezeflow.compression.formats.bitstack import fit_memory_budget
 from squeezeflow.compression.integrity import has_manifest, verify_folder, write_manifest
 from squeezeflow.compression.lowrank.factorized import FactorizedLinear, factorize_modules
@@ -128,16 +134,9 @@ def packed_tensors(module: nn.Module, prefix: str = "") -> PackedPart:
             tied[f"{full(sharer)}.weight"] = f"{owner}.weight"
             stored_weights.add(f"{full(sharer)}.weight")
 
-    seen_storage: dict[int, str] = {}
-    for name, tensor in module.state_dict(prefix=f"{prefix}." if prefix else "").items():
-        if name in stored_weights:
-            continue
-        pointer = tensor.data_ptr()
-        if pointer in seen_storage and tensor.numel() > 0:
-            tied[name] = seen_storage[pointer]  # tied weights are stored once
-            continue
-        seen_storage[pointer] = name
-        _add(tensors, {name: tensor.detach().contiguous()})
+    rest, rest_tied = remaining_tensors(module, stored_weights, prefix)  # tied weights stored once
+    _add(tensors, rest)
+    tied.update(rest_tied)
     return PackedPart(tensors=tensors, specs=specs, tied=tied)
 
 

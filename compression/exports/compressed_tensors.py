@@ -81,6 +81,7 @@ def export(source: Path, out: Path) -> dict[str, float]:
     from safetensors.torch import save_file
 
     from squeezeflow.compression.artifact import load_compressed, size_on_disk
+    from squeezeflow.compression.formats import remaining_tensors
     from squeezeflow.compression.integrity import atomic_folder
 
     source, out = Path(source), Path(out)
@@ -95,16 +96,8 @@ def export(source: Path, out: Path) -> dict[str, float]:
     dtype = _checkpoint_dtype(model)
     schemes = {name: _scheme(name, q) for name, q in layers.items()}
 
-    tensors: dict[str, Tensor] = {}
-    replaced = {f"{name}.weight" for name in layers}
-    seen: set[int] = set()
-    for name, tensor in model.state_dict().items():
-        if name in replaced:
-            continue
-        if tensor.data_ptr() in seen and tensor.numel() > 0:
-            continue  # tied weights (lm_head = embeddings) are stored once, as HF saves them
-        seen.add(tensor.data_ptr())
-        tensors[name] = tensor.detach().contiguous()
+    # tied weights (lm_head = embeddings) are stored once, as HF saves them
+    tensors, _ = remaining_tensors(model, {f"{name}.weight" for name in layers})
     max_abs_diff = 0.0
     for name, q in layers.items():
         packed = pack_layer(q, schemes[name], dtype)

@@ -12,6 +12,7 @@ from squeezeflow.compression.formats.base import (
     UnknownFormatError,
     WeightFormat,
     register_format,
+    remaining_tensors,
     stored_linears,
 )
 from squeezeflow.compression.formats.bitstack import BitStackFormat
@@ -22,5 +23,6 @@ from squeezeflow.compression.formats.ternary import TernaryFormat
 
 __all__ = [
     "FORMATS", "BitStackFormat", "CodebookFormat", "FormatRegistry", "IntegerFormat", "RPSFormat", "StoredLinear", "Take",
-    "TernaryFormat", "UnknownFormatError", "WeightFormat", "register_format", "stored_linears",
+    "TernaryFormat", "UnknownFormatError", "WeightFormat", "register_format", "remaining_tensors",
+    "stored_linears",
 ]

@@ -240,3 +240,22 @@ def stored_linears(model: nn.Module, formats: FormatRegistry = FORMATS) -> list[
         StoredLinear(s.format, s.stored, s.owner, tuple(sharers.get(i, ())))
         for i, s in enumerate(found)
     ]
+
+
+def remaining_tensors(module: nn.Module, replaced: set[str], prefix: str = "") -> tuple[dict[str, Tensor], dict[str, str]]:
+    """What a checkpoint stores besides the `replaced` weights (those a format writes in
+    its own layout): every other state-dict tensor, each storage once, as HF saves tied
+    weights. Returns (name -> tensor, tied name -> the name it is stored under)."""
+    tensors: dict[str, Tensor] = {}
+    tied: dict[str, str] = {}
+    first: dict[int, str] = {}  # data pointer -> the name that stores it
+    for name, tensor in module.state_dict(prefix=f"{prefix}." if prefix else "").items():
+        if name in replaced:
+            continue
+        pointer = tensor.data_ptr()
+        if pointer in first and tensor.numel() > 0:
+            tied[name] = first[pointer]
+            continue
+        first[pointer] = name
+        tensors[name] = tensor.detach().contiguous()
+    return tensors, tied

@@ -27,7 +27,12 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from squeezeflow.compression.formats import FORMATS, IntegerFormat, stored_linears
+from squeezeflow.compression.formats import (
+    FORMATS,
+    IntegerFormat,
+    remaining_tensors,
+    stored_linears,
+)
 from squeezeflow.compression.integrity import atomic_folder, write_manifest
 from squeezeflow.compression.models import find_blocks
 from squeezeflow.compression.quantization.qweight import QuantizedWeight, group_index
@@ -55,16 +60,8 @@ def export_gptq(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path
     zero_is_zero = any(bool((q.zero == 0).any()) for q in quantized.values())
     checkpoint_format = "gptq_v2" if zero_is_zero else "gptq"
 
-    tensors: dict[str, Tensor] = {}
-    replaced = {f"{name}.weight" for name in quantized}
-    seen: set[int] = set()
-    for name, tensor in model.state_dict().items():
-        if name in replaced:
-            continue
-        if tensor.data_ptr() in seen and tensor.numel() > 0:
-            continue  # tied weights (lm_head = embeddings) are stored once, under the first name
-        seen.add(tensor.data_ptr())
-        tensors[name] = tensor.detach().contiguous()
+    # tied weights (lm_head = embeddings) are stored once, under the first name
+    tensors, _ = remaining_tensors(model, {f"{name}.weight" for name in quantized})
     for name, q in quantized.items():
         tensors.update(gptq_tensors(name, q, v1_zeros=checkpoint_format == "gptq"))
 
