@@ -5,6 +5,7 @@ A workspace (`$SQUEEZEFLOW_HOME`, default `./.squeezeflow`) holds:
 - `training/<key>`: resumable training checkpoints of unfinished training stages;
 - `data/<sha256>.json`: materialized calibration/evaluation/training texts;
 - `bases/<name>`: registered versions downloaded as base models or teachers;
+- `references/<key>.pt`: a base's side of the quality metrics (`evaluation/suite.py`);
 - `locks/`: one lock file per stage or download (`compression/integrity.py`);
 - `.partial-*` inside those folders: what killed writers left.
 
@@ -27,7 +28,7 @@ from squeezeflow.compression.integrity import PARTIAL, is_locked, remove_leftove
 
 log = logging.getLogger(__name__)
 
-KINDS = ("checkpoints", "training", "data", "bases")  # the cached folders of a workspace
+KINDS = ("checkpoints", "training", "data", "bases", "references")  # the cached folders of a workspace
 LEFTOVER_AGE_S = 3600.0  # a temporary older than this belongs to a dead writer, not a slow one
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
@@ -118,14 +119,14 @@ def _remove(root: Path, entry: CacheEntry) -> bool:
 def _lock_path(root: Path, kind: str, path: Path) -> Path:
     """The lock a writer of `path` holds (stages and their training share the key).
 
-    Data files take no lock (written atomically, never changed after): theirs never
-    exists, so they are never in use and `_remove` takes it uncontended.
+    Data and reference files take no lock (written atomically, never changed after):
+    theirs never exists, so they are never in use and `_remove` takes it uncontended.
     """
     if kind in ("checkpoints", "training"):
         return root / "locks" / f"{path.name}.lock"
     if kind == "bases":
         return root / "locks" / f"base-{path.name}.lock"
-    return root / "locks" / f"data-{path.stem}.lock"
+    return root / "locks" / f"{kind}-{path.stem}.lock"
 
 
 def _size(path: Path) -> int:

@@ -109,6 +109,10 @@ class ReferenceCache:
             return None
         if not isinstance(stored, dict) or not all(isinstance(v, torch.Tensor) for v in stored.values()):
             return None
+        try:
+            path.touch()  # its last use, for `squeeze cache gc`
+        except OSError:
+            pass
         return stored
 
     def write(self, path: Path, reference: Reference) -> None:

@@ -389,7 +389,7 @@ def register_base(
     console.print(f"[green]registered[/] {model_name} version {version}")
 
 
-cache_app = typer.Typer(help="The workspace cache: stage outputs, data, training checkpoints.")
+cache_app = typer.Typer(help="The workspace cache: stage outputs, data, training checkpoints, base references.")
 app.add_typer(cache_app, name="cache")
 
 

@@ -14,6 +14,7 @@ from transformers import BertModel, PreTrainedModel
 
 from squeezeflow import sampledata
 from squeezeflow.compression.artifact import save_compressed
+from squeezeflow.compression.cache import collect_garbage, entries
 from squeezeflow.evaluation import suite
 from squeezeflow.testing import tiny_bert, tiny_llama
 
@@ -84,7 +85,8 @@ def test_a_damaged_reference_is_computed_again(tmp_path: Path, monkeypatch: pyte
                                                caplog: pytest.LogCaptureFixture) -> None:
     base_dir, candidate_dir = _pair("causal-lm", tmp_path)
     texts = sampledata.sentences(8, seed=3)
-    cache = suite.ReferenceCache(tmp_path / "references", base_id="base-1")
+    root = tmp_path / "work"  # a workspace: its references are cache entries like the rest
+    cache = suite.ReferenceCache(root / "references", base_id="base-1")
     expected = suite.evaluate(base_dir, candidate_dir, texts, SETTINGS, references=cache).metrics
     (entry,) = cache.folder.glob("*.pt")
     entry.write_bytes(b"not a tensor file")
@@ -93,3 +95,6 @@ def test_a_damaged_reference_is_computed_again(tmp_path: Path, monkeypatch: pyte
     assert len(passes) == 2 and again == expected
     assert "unreadable" in caplog.text
     assert torch.load(entry, weights_only=True)["perplexity"].item() == expected["base_perplexity"]
+    (listed,) = entries(root)
+    assert (listed.kind, listed.path, listed.in_use) == ("references", entry, False)
+    assert collect_garbage(root, max_bytes=0) == [listed] and not entry.exists()
