@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -164,9 +165,15 @@ def list_versions(
     if not rows:
         console.print("no registered versions")
         return
-    table = Table("model", "v", "aliases", "gate", "quality", "ratio", "speedup", "MB", "search")
+    # the search column only where a listed version came from a search; no borders
+    # between columns or at the edges, so 80 columns hold a version's row whole
+    searched = any("squeezeflow.search" in row["tags"] for row in rows)
+    table = Table("model", "v", "aliases", "gate", "quality", "ratio", "speedup", "MB",
+                  *(["search"] if searched else []),
+                  box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, collapse_padding=True)
     table.columns[0].no_wrap = True
-    table.columns[-1].min_width = 8  # the search id, never cut
+    if searched:
+        table.columns[-1].min_width = 8  # the search id, never cut
     for row in rows:
         metrics = row["metrics"]
         headline = headline_quality(metrics)  # the family's quality metric (metric table)
@@ -176,7 +183,8 @@ def list_versions(
             row["tags"].get("gate", "-"), quality,
             *(f"{metrics[m]:.2f}" if m in metrics else "-"
               for m in ("compression_ratio", "speedup", "weights_mb")),
-            row["tags"].get("squeezeflow.search", "-")[:8],  # the search's parent run id, short
+            # the search's parent run id, short
+            *([row["tags"].get("squeezeflow.search", "-")[:8]] if searched else []),
         )
     console.print(table)
 

@@ -21,11 +21,11 @@ LIBRARY_QUIETING = ("PREFECT_LOGGING_LEVEL", "MLFLOW_SUPPRESS_PRINTING_URL_TO_ST
                     "TRANSFORMERS_VERBOSITY", "MPLCONFIGDIR")
 
 
-def _squeeze(args: list[str], workdir: Path) -> subprocess.CompletedProcess[str]:
+def _squeeze(args: list[str], workdir: Path, columns: int = 120) -> subprocess.CompletedProcess[str]:
     from prefect.settings import PREFECT_API_URL
 
     env = {key: value for key, value in os.environ.items() if key not in LIBRARY_QUIETING}
-    env |= {"PREFECT_API_URL": str(PREFECT_API_URL.value()), "COLUMNS": "120",
+    env |= {"PREFECT_API_URL": str(PREFECT_API_URL.value()), "COLUMNS": str(columns),
             "XDG_CACHE_HOME": str(workdir / "cache")}  # a fresh matplotlib font cache, too
     script = "import sys; from squeezeflow.cli import app; sys.argv = ['squeeze', *sys.argv[1:]]; app()"
     return subprocess.run([sys.executable, "-c", script, *args], cwd=workdir, env=env,
@@ -75,6 +75,17 @@ def test_run_output_is_quiet_and_ends_with_the_result_table(
     assert table[-1].strip().startswith("└")  # nothing after the table
     log_files = list((workdir / ".squeezeflow" / "logs").glob("tiny-int8-*.log"))
     assert len(log_files) == 1 and log_files[0].stat().st_size > 0  # the logs went there
+
+    # `make demo` then lists the version: at 80 columns its row is whole, and there is
+    # no search column when no version came from a search
+    listing = _squeeze(["list", "tiny-compressed"], workdir, columns=80)
+    assert listing.returncode == 0, listing.stdout + listing.stderr
+    listed = [line for line in listing.stdout.splitlines() if line.strip()]
+    assert all(len(line) <= 80 for line in listed) and "search" not in listed[0], listing.stdout
+    row = next(line for line in listed if line.startswith("tiny-compressed"))
+    cells = row.split()
+    assert cells[:5] == ["tiny-compressed", "1", "candidate", "passed", "cos"], row
+    assert float(cells[5]) >= 0.99  # the quality headline, whole
 
     again = _squeeze(["run", str(path), "--json"], workdir)
     assert again.returncode == 0, again.stdout + again.stderr
