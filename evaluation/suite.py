@@ -84,7 +84,8 @@ class ReferenceCache:
 
     `base_id` must change whenever the base's outputs could: the caller's hash of the
     base's files together with the code and library versions that compute them. The
-    texts, the evaluator and the settings that shape the batches are added here.
+    texts, the evaluator, the settings that shape the batches and the CPU capability
+    (which picks the packed kernels of a compressed base) are added here.
     A file that cannot be read is computed again; one that cannot be written only
     costs the time."""
 
@@ -93,7 +94,8 @@ class ReferenceCache:
 
     def path(self, evaluator: str, texts: list[str], settings: EvaluationSettings) -> Path:
         digest = hashlib.sha256()
-        for part in (self.base_id, evaluator, str(settings.batch_size), str(settings.max_length)):
+        for part in (self.base_id, evaluator, str(settings.batch_size), str(settings.max_length),
+                     torch.backends.cpu.get_cpu_capability()):
             digest.update(part.encode() + b"\0")
         for text in texts:
             digest.update(text.encode() + b"\0")
