@@ -17,6 +17,7 @@ once. Speeds are never kept: they are measured side by side each time.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -111,10 +112,8 @@ class ReferenceCache:
             return None
         if not isinstance(stored, dict) or not all(isinstance(v, torch.Tensor) for v in stored.values()):
             return None
-        try:
+        with contextlib.suppress(OSError):
             path.touch()  # its last use, for `squeeze cache gc`
-        except OSError:
-            pass
         return stored
 
     def write(self, path: Path, reference: Reference) -> None:
@@ -234,12 +233,13 @@ def _quality(
     evaluator = QUALITY_EVALUATORS[name]
     if not isinstance(evaluator, AgainstReference):
         return evaluator(base, candidate, texts, settings)
-    path = references.path(name, texts, settings) if references is not None else None
-    reference = references.read(path) if references is not None and path is not None else None
+    if references is None:
+        return evaluator.compare(evaluator.reference(base, texts, settings), candidate, texts, settings)
+    path = references.path(name, texts, settings)
+    reference = references.read(path)
     if reference is None:
         reference = evaluator.reference(base, texts, settings)
-        if references is not None and path is not None:
-            references.write(path, reference)
+        references.write(path, reference)
     return evaluator.compare(reference, candidate, texts, settings)
 
 
