@@ -3,7 +3,6 @@ which base version a target model was last built from."""
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import mlflow
@@ -16,7 +15,7 @@ from squeezeflow.compression.integrity import (
     verify_folder,
 )
 from squeezeflow.registry.fetch import MODEL_SHA256_TAG
-from squeezeflow.registry.pyfunc import ARTIFACT_KEY, PYFUNC_CODE
+from squeezeflow.registry.pyfunc import log_pyfunc_model
 from squeezeflow.registry.store import connect
 
 
@@ -30,16 +29,10 @@ def register_folder(folder: Path, model_name: str, tracking_uri: str | None = No
 
     run = client.create_run(experiment_id(client, "squeezeflow-bases"),
                             tags={"mlflow.runName": f"base {model_name}"})
-    with mlflow.start_run(run_id=run.info.run_id), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Passing a Python object")
-        info = mlflow.pyfunc.log_model(
-            name="model", python_model=PYFUNC_CODE,
-            artifacts={ARTIFACT_KEY: str(folder)},
-            pip_requirements=pip_requirements or requirements(),
-        )
+    model_uri = log_pyfunc_model(run.info.run_id, str(folder), pip_requirements or requirements())
     # the content digest a download is checked against (the folder's manifest digest)
     digest = verify_folder(folder) if has_manifest(folder) else manifest_digest(manifest_of(folder))
-    version = mlflow.register_model(info.model_uri, model_name, tags={MODEL_SHA256_TAG: digest})
+    version = mlflow.register_model(model_uri, model_name, tags={MODEL_SHA256_TAG: digest})
     return str(version.version)
 
 

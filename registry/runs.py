@@ -18,7 +18,6 @@ import os
 import tempfile
 import time
 import uuid
-import warnings
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -46,7 +45,7 @@ from squeezeflow.registry.card import model_card
 from squeezeflow.registry.exports import export_tags, log_exports
 from squeezeflow.registry.fetch import download_model  # noqa: F401  (re-exported: callers import it here)
 from squeezeflow.registry.lineage import hub_commit_tags
-from squeezeflow.registry.pyfunc import ARTIFACT_KEY, PYFUNC_CODE
+from squeezeflow.registry.pyfunc import log_pyfunc_model
 from squeezeflow.registry.records import RegisteredVersion, RunRecord
 from squeezeflow.registry.store import connect, experiment_id
 
@@ -286,16 +285,7 @@ def _log_and_create_version(client: MlflowClient, experiment: str, run: Run, rec
         model_uri = model.model_uri
         log.info("reusing model upload %s of an earlier attempt", model.model_id)
     else:
-        with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
-            # the fluent run is thread-local and closed right after
-            warnings.filterwarnings("ignore", message="Passing a Python object")
-            info = mlflow.pyfunc.log_model(
-                name="model",
-                python_model=PYFUNC_CODE,  # logged as code, nothing unpickled on load
-                artifacts={ARTIFACT_KEY: record.model_dir},
-                pip_requirements=requirements(),
-            )
-        model_uri = info.model_uri
+        model_uri = log_pyfunc_model(run_id, record.model_dir, requirements())
     version: ModelVersion = mlflow.register_model(
         model_uri, record.model_name, tags=_version_tags(record, run_id)
     )

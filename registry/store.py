@@ -7,11 +7,19 @@ This package is the only one in squeezeflow that imports mlflow.
 
 from __future__ import annotations
 
+import logging
 import os
+import shutil
+import sqlite3
 from pathlib import Path
 
 import mlflow
 from mlflow import MlflowClient
+
+from squeezeflow.settings import user_cache
+
+log = logging.getLogger(__name__)
+SQLITE_PREFIX = "sqlite:///"
 
 QUIET_ENVIRONMENT = {
     "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
@@ -38,6 +46,8 @@ def connect(tracking_uri: str | None = None) -> MlflowClient:
     for key, value in QUIET_ENVIRONMENT.items():
         os.environ.setdefault(key, value)
     uri = tracking_uri or default_tracking_uri()
+    if uri.startswith(SQLITE_PREFIX):
+        _create_from_template(Path(uri.removeprefix(SQLITE_PREFIX)))
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
@@ -54,3 +64,45 @@ def experiment_id(client: MlflowClient, name: str) -> str:
         database = Path(client.tracking_uri.removeprefix("sqlite:///"))
         artifact_location = (database.parent / "mlartifacts").resolve().as_uri()
     return str(client.create_experiment(name, artifact_location=artifact_location))
+
+
+def _create_from_template(database: Path) -> None:
+    """A new SQLite registry starts as a copy of an empty, migrated one.
+
+    MLflow creates a store by running every schema migration (about 1 s on 2 cores, in
+    each new project, test and benchmark workspace); the result is the same for one MLflow
+    version, so it is made once per user and version and copied. The template holds no
+    experiment: MLflow adds its `Default` experiment on first connect, with this store's
+    artifact root. Anything that goes wrong leaves the database to MLflow, as before.
+    """
+    if database.exists():
+        return
+    try:
+        template = _schema_template()
+        database.parent.mkdir(parents=True, exist_ok=True)
+        staged = database.with_name(f".{database.name}.{os.getpid()}.tmp")
+        shutil.copyfile(template, staged)
+        try:
+            os.link(staged, database)  # fails if another process created it meanwhile
+        except FileExistsError:
+            pass
+        finally:
+            staged.unlink()
+    except (OSError, sqlite3.Error) as error:
+        log.debug("registry %s not created from a template: %s", database, error)
+
+
+def _schema_template() -> Path:
+    """The migrated empty store for the installed MLflow, made on first use."""
+    template = user_cache("mlflow") / f"empty-{mlflow.__version__}.db"
+    if template.exists():
+        return template
+    template.parent.mkdir(parents=True, exist_ok=True)
+    staged = template.with_name(f".{template.name}.{os.getpid()}.tmp")
+    staged.unlink(missing_ok=True)
+    MlflowClient(tracking_uri=f"{SQLITE_PREFIX}{staged}").search_experiments()  # migrates
+    with sqlite3.connect(staged) as db:  # without the Default experiment (see above)
+        db.execute("DELETE FROM experiment_tags WHERE experiment_id = 0")
+        db.execute("DELETE FROM experiments WHERE experiment_id = 0")
+    staged.replace(template)
+    return template

@@ -88,8 +88,9 @@ def write(entry_key: str, errors: list[str]) -> None:
 
 
 def _folder() -> Path:
-    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(cache).expanduser().resolve() / "squeezeflow" / "checks"
+    from squeezeflow.settings import user_cache
+
+    return user_cache("checks")
 
 
 def _config_json(source: str) -> Path | None:

@@ -38,6 +38,7 @@ from rich.progress import (
 from rich.table import Table
 
 from squeezeflow.compression.progress import PROGRESS_LOGGER, tick_of
+from squeezeflow.settings import user_cache
 
 if TYPE_CHECKING:
     from squeezeflow.evaluation.gates import GateResult
@@ -67,8 +68,7 @@ def quiet_environment(verbose: bool) -> None:
     """
     for key, value in (VERBOSE_ENVIRONMENT if verbose else QUIET_ENVIRONMENT).items():
         os.environ.setdefault(key, value)
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "squeezeflow"
-    os.environ.setdefault("MPLCONFIGDIR", str(cache / "matplotlib"))
+    os.environ.setdefault("MPLCONFIGDIR", str(user_cache("matplotlib")))
 
 
 class ProgressBars(logging.Handler):

@@ -29,6 +29,13 @@ def apply_defaults() -> None:
     os.environ.setdefault("PREFECT_HOME", str(Path.cwd() / ".prefect"))
 
 
+def user_cache(name: str) -> Path:
+    """`$XDG_CACHE_HOME/squeezeflow/<name>` (else `~/.cache/...`): what is kept per user and
+    machine, not per project (remembered checks, matplotlib's font cache, templates)."""
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache).expanduser().resolve() / "squeezeflow" / name
+
+
 def quiet_progress_bars() -> None:
     """Hide transformers' per-load progress bars (the CLI and benchmarks show their own)."""
     from transformers.utils import logging as transformers_logging
