@@ -46,8 +46,9 @@ def connect(tracking_uri: str | None = None) -> MlflowClient:
     for key, value in QUIET_ENVIRONMENT.items():
         os.environ.setdefault(key, value)
     uri = tracking_uri or default_tracking_uri()
-    if uri.startswith(SQLITE_PREFIX):
-        _create_from_template(Path(uri.removeprefix(SQLITE_PREFIX)))
+    database = _sqlite_file(uri)
+    if database is not None:
+        _create_from_template(database)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
@@ -64,6 +65,15 @@ def experiment_id(client: MlflowClient, name: str) -> str:
         database = Path(client.tracking_uri.removeprefix("sqlite:///"))
         artifact_location = (database.parent / "mlartifacts").resolve().as_uri()
     return str(client.create_experiment(name, artifact_location=artifact_location))
+
+
+def _sqlite_file(uri: str) -> Path | None:
+    """The database file of a `sqlite:///` URI (query options dropped), None for any
+    other store and for an in-memory SQLite database."""
+    if not uri.startswith(SQLITE_PREFIX):
+        return None
+    path = uri.removeprefix(SQLITE_PREFIX).split("?", 1)[0]
+    return None if path in ("", ":memory:") else Path(path)
 
 
 def _create_from_template(database: Path) -> None:

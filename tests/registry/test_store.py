@@ -11,7 +11,7 @@ import pytest
 from mlflow import MlflowClient
 
 from squeezeflow.registry.pyfunc import installed, log_pyfunc_model
-from squeezeflow.registry.store import connect
+from squeezeflow.registry.store import _sqlite_file, connect
 
 
 def _experiments(database: Path) -> list[tuple[int, str, str]]:
@@ -46,6 +46,13 @@ def test_an_existing_registry_is_never_replaced(tmp_path: Path, monkeypatch: pyt
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     connect(uri).create_experiment("kept")
     assert "kept" in [e.name for e in connect(uri).search_experiments()]
+
+
+def test_only_sqlite_files_are_created_from_the_template(tmp_path: Path) -> None:
+    assert _sqlite_file(f"sqlite:///{tmp_path}/mlflow.db?timeout=30") == tmp_path / "mlflow.db"
+    assert _sqlite_file("sqlite:///:memory:") is None
+    assert _sqlite_file("http://registry:5000") is None
+    assert _sqlite_file("postgresql://u@db/mlflow") is None
 
 
 def test_only_requirements_pinned_to_what_is_installed_count_as_installed() -> None:
