@@ -50,6 +50,7 @@ from squeezeflow.compression.lowrank.factorized import FactorizedLinear, factori
 from squeezeflow.compression.models import (
     LoadedModel,
     ModelKind,
+    detect_kind,
     load_pretrained,
     load_tokenizer,
     model_class,
@@ -161,6 +162,16 @@ def write_description(
     }
     (path / FORMAT_FILE).write_text(json.dumps(description, indent=2, sort_keys=True))
     write_manifest(path)  # last: it hashes every file written above
+
+
+def stored_kind(path: str | Path) -> ModelKind:
+    """The model kind of a folder `load_compressed` reads, from its description or
+    config.json alone (no weights)."""
+    path = Path(path)
+    if (path / FORMAT_FILE).exists():
+        kind: ModelKind = json.loads((path / FORMAT_FILE).read_text())["kind"]
+        return kind
+    return detect_kind(AutoConfig.from_pretrained(path))
 
 
 def load_compressed(

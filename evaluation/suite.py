@@ -9,10 +9,11 @@ Speeds are measured with base and candidate interleaved in one loop (see
 `evaluation/latency.py`), and the report's tags say what they ran on: the CPU, its
 vector capability, the torch build, the thread count and which packed kernels ran.
 
-The base's side of the quality metrics (its perplexity, its embeddings) depends only
-on the base, the texts and the settings, so it can be kept between evaluations against
-the same base (`ReferenceCache`): a search's trials, or a recipe run again, compute it
-once. Speeds are never kept: they are measured side by side each time.
+The base's side of the quality metrics (its perplexity, its embeddings) and its
+parameter counts depend only on the base, the texts and the settings, so they can be
+kept between evaluations against the same base (`ReferenceCache`): a search's trials,
+or a recipe run again, compute them once, and then do not load the base at all unless
+another suite runs it. Speeds are never kept: they are measured side by side each time.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from pathlib import Path
 import torch
 from pydantic import BaseModel, Field
 
-from squeezeflow.compression.artifact import load_compressed
+from squeezeflow.compression.artifact import load_compressed, stored_kind
 from squeezeflow.compression.data import tokenized_batches
 from squeezeflow.compression.families import family
 from squeezeflow.compression.integrity import atomic_write_bytes
@@ -81,7 +82,8 @@ Reference = dict[str, torch.Tensor]
 
 @dataclass(frozen=True)
 class ReferenceCache:
-    """Where the base's quality references are kept between evaluations.
+    """Where the base's quality references (and parameter counts) are kept between
+    evaluations.
 
     `base_id` must change whenever the base's outputs could: the caller's hash of the
     base's files together with the code and library versions that compute them. The
@@ -137,11 +139,14 @@ def evaluate(
     `references`: where the base's side of the quality metrics is kept (None: computed)."""
     tell = progress or (lambda message: log.info(message))
     # Both as a user loads them (`squeezeflow.load_compressed`): quantized Linears run
-    # on packed kernels, so quality and latency are those of the packed runtime.
-    base = load_compressed(base_dir, runtime="packed")
+    # on packed kernels, so quality and latency are those of the packed runtime. The
+    # base is loaded only when something runs it: with its references kept, a search's
+    # trials measuring quality and size never load it (half the memory, no load time).
     candidate = load_compressed(candidate_dir, runtime="packed")
-    if base.kind != candidate.kind:
-        raise ValueError(f"base is a {base.kind} but the candidate is a {candidate.kind}")
+    base_kind = stored_kind(base_dir)
+    if base_kind != candidate.kind:
+        raise ValueError(f"base is a {base_kind} but the candidate is a {candidate.kind}")
+    base = _Loaded(base_dir)
     metrics: dict[str, float] = {}
     if "quality" in settings.suites:
         tell("evaluating quality")
@@ -155,27 +160,28 @@ def evaluate(
     task_tags: dict[str, str] = {}
     if settings.tasks:  # labelled task accuracy (evaluation/task_accuracy.py)
         tell(f"evaluating {len(settings.tasks)} task(s) on base and candidate")
-        task_metrics, task_tags = _tasks(base, candidate, settings)
+        task_metrics, task_tags = _tasks(base.get(), candidate, settings)
         metrics |= task_metrics
     if "latency" in settings.suites:
         tell("measuring latency (base and candidate interleaved)")
-        metrics |= _latency(base, candidate, texts, settings)
+        metrics |= _latency(base.get(), candidate, texts, settings)
         metrics["speedup"] = metrics["base_latency_p50_ms"] / metrics["latency_p50_ms"]
         if "decode" in family(candidate.kind).latency:
             tell(f"measuring decode throughput ({settings.latency.decode_tokens} tokens)")
-            metrics |= _decode(base, candidate, texts, settings)
+            metrics |= _decode(base.get(), candidate, texts, settings)
             metrics["decode_speedup"] = (
                 metrics["decode_tokens_per_s"] / metrics["base_decode_tokens_per_s"]
             )
-    tags = run_tags(base, candidate)  # after the timed loops: the kernels they chose
+    tags = run_tags(base.loaded, candidate)  # after the timed loops: the kernels they chose
     tags |= task_tags  # each task's version and data sha256
     if "size" in settings.suites:
-        for prefix, loaded, folder in (("base_", base, base_dir), ("", candidate, candidate_dir)):
+        for prefix, folder in (("base_", base_dir), ("", candidate_dir)):
             metrics[prefix + "weights_mb"] = weights_bytes(folder) / 2**20
             metrics[prefix + "size_mb"] = sum(
                 f.stat().st_size for f in Path(folder).rglob("*") if f.is_file()
             ) / 2**20
-            metrics |= {prefix + k: v for k, v in parameter_counts(loaded.model).items()}
+        metrics |= {"base_" + k: v for k, v in _base_counts(base, settings, references).items()}
+        metrics |= parameter_counts(candidate.model)
         metrics["compression_ratio"] = metrics["base_weights_mb"] / metrics["weights_mb"]
     if "memory" in settings.suites:
         tell("measuring peak memory")
@@ -186,13 +192,41 @@ def evaluate(
     return EvaluationReport(kind=candidate.kind, metrics=metrics, tags=tags)
 
 
-def run_tags(base: LoadedModel, candidate: LoadedModel) -> dict[str, str]:
+class _Loaded:
+    """A model folder loaded (packed runtime) on first use, then kept."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.loaded: LoadedModel | None = None
+
+    def get(self) -> LoadedModel:
+        if self.loaded is None:
+            self.loaded = load_compressed(self.path, runtime="packed")
+        return self.loaded
+
+
+def run_tags(base: LoadedModel | None, candidate: LoadedModel) -> dict[str, str]:
     """The machine (CPU model and capability, torch version, threads) and, as JSON
-    {"format/kernel": layers}, the packed kernels each model has run so far."""
-    return machine_tags() | {
-        "kernel_mix": json.dumps(kernel_mix(candidate.model), sort_keys=True),
-        "base_kernel_mix": json.dumps(kernel_mix(base.model), sort_keys=True),
-    }
+    {"format/kernel": layers}, the packed kernels each model has run so far (the base's
+    only where this evaluation loaded it)."""
+    tags = machine_tags() | {"kernel_mix": json.dumps(kernel_mix(candidate.model), sort_keys=True)}
+    if base is not None:
+        tags["base_kernel_mix"] = json.dumps(kernel_mix(base.model), sort_keys=True)
+    return tags
+
+
+def _base_counts(base: _Loaded, settings: EvaluationSettings,
+                 references: ReferenceCache | None) -> dict[str, float]:
+    """`parameter_counts` of the base, kept with its quality references."""
+    if references is None:
+        return parameter_counts(base.get().model)
+    path = references.path("parameter_counts", [], settings)
+    stored = references.read(path)
+    if stored is None:
+        stored = {k: torch.tensor(v, dtype=torch.float64)
+                  for k, v in parameter_counts(base.get().model).items()}
+        references.write(path, stored)
+    return {k: float(v) for k, v in stored.items()}
 
 
 def embed(loaded: LoadedModel, texts: list[str], settings: EvaluationSettings) -> torch.Tensor:
@@ -222,7 +256,7 @@ class AgainstReference:
 
 
 def _quality(
-    base: LoadedModel, candidate: LoadedModel, texts: list[str], settings: EvaluationSettings,
+    base: _Loaded, candidate: LoadedModel, texts: list[str], settings: EvaluationSettings,
     references: ReferenceCache | None = None,
 ) -> dict[str, float]:
     """The quality metrics of the candidate's model family, by the family's evaluator."""
@@ -232,13 +266,14 @@ def _quality(
                          f"known evaluators: {', '.join(sorted(QUALITY_EVALUATORS))}")
     evaluator = QUALITY_EVALUATORS[name]
     if not isinstance(evaluator, AgainstReference):
-        return evaluator(base, candidate, texts, settings)
+        return evaluator(base.get(), candidate, texts, settings)
     if references is None:
-        return evaluator.compare(evaluator.reference(base, texts, settings), candidate, texts, settings)
+        return evaluator.compare(evaluator.reference(base.get(), texts, settings), candidate,
+                                 texts, settings)
     path = references.path(name, texts, settings)
     reference = references.read(path)
     if reference is None:
-        reference = evaluator.reference(base, texts, settings)
+        reference = evaluator.reference(base.get(), texts, settings)
         references.write(path, reference)
     return evaluator.compare(reference, candidate, texts, settings)
 

@@ -98,3 +98,27 @@ def test_a_damaged_reference_is_computed_again(tmp_path: Path, monkeypatch: pyte
     (listed,) = entries(root)
     assert (listed.kind, listed.path, listed.in_use) == ("references", entry, False)
     assert collect_garbage(root, max_bytes=0) == [listed] and not entry.exists()
+
+
+def test_with_its_references_kept_the_base_is_not_loaded(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    base_dir, candidate_dir = _pair("causal-lm", tmp_path)
+    texts = sampledata.sentences(8, seed=3)
+    settings = SETTINGS.model_copy(update={"suites": ("quality", "size")})
+    uncached = suite.evaluate(base_dir, candidate_dir, texts, settings)
+    loads: list[Path] = []
+    load = suite.load_compressed
+    monkeypatch.setattr(suite, "load_compressed",
+                        lambda path, **kw: loads.append(Path(path)) or load(path, **kw))
+    cache = suite.ReferenceCache(tmp_path / "references", base_id="base-1")
+    first = suite.evaluate(base_dir, candidate_dir, texts, settings, references=cache)
+    assert loads == [candidate_dir, base_dir]
+    second = suite.evaluate(base_dir, candidate_dir, texts, settings, references=cache)
+    assert loads == [candidate_dir, base_dir, candidate_dir]  # the base's side came from the cache
+    assert first.metrics == uncached.metrics == second.metrics
+    assert uncached.metrics["base_parameters"] == uncached.metrics["parameters"] > 0  # same shapes
+    # its kernels are reported only where it ran
+    assert "base_kernel_mix" in first.tags and "base_kernel_mix" not in second.tags
+    latency = settings.model_copy(update={"suites": ("quality", "size", "latency")})
+    suite.evaluate(base_dir, candidate_dir, texts, latency, references=cache)
+    assert loads[-2:] == [candidate_dir, base_dir]  # a suite that runs the base loads it
