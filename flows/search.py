@@ -134,6 +134,7 @@ def search(recipe_path: str, workers: int = 2, resume: bool = False,
         search_id = latest_unfinished_search(uri, experiment, recipe.name)
         if search_id is None:
             raise LookupError(f"no unfinished search of {recipe.name} in experiment {experiment!r}")
+    new_search = search_id is None  # else a killed search's parent run, reopened
     search_id = start_search(uri, experiment, recipe.name, spec.model_dump(mode="json"),
                              recipe.sha256(), resume=search_id)
     earlier = {outcome.key: outcome for outcome in finished_trials(uri, search_id)} if resume else {}
@@ -181,7 +182,7 @@ def search(recipe_path: str, workers: int = 2, resume: bool = False,
             failed.append(f"trial {number}: {type(error).__name__}: {error}")
             trials.tell(values, None)
             continue
-        outcome = outcome.model_copy(update={"run_id": log_trial(uri, search_id, outcome)})
+        outcome = outcome.model_copy(update={"run_id": log_trial(uri, search_id, outcome, new_search)})
         outcomes.append(outcome)
         trials.tell(values, outcome.metrics)
         log.info("trial %d: %s", outcome.number, describe(values), extra={"trial": outcome})

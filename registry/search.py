@@ -139,16 +139,22 @@ def finished_trials(tracking_uri: str | None, search_id: str) -> list[TrialOutco
     return _retrying(f"reading the trials of search {search_id}", read)
 
 
-def log_trial(tracking_uri: str | None, search_id: str, outcome: TrialOutcome) -> str:
+def log_trial(tracking_uri: str | None, search_id: str, outcome: TrialOutcome,
+              new_search: bool = False) -> str:
     """One nested run under the parent: params = the trial's values, its metrics, tags
     (key, number, passed, cache hits, stages computed, seconds) and `outcome.json` (the
     outcome with `run_id` set to this run). Returns the run id.
 
-    A trial logged before under the same key is reused when FINISHED, else replaced."""
+    A trial logged before under the same key is reused when FINISHED, else replaced.
+    `new_search`: the parent run was created by this search, so a first attempt has no
+    earlier trial runs to look for (a query per trial saved); a retry still looks."""
     client = connect(tracking_uri)
+    attempts: list[int] = []
 
     def log_once() -> str:
-        for run in _trial_runs(client, search_id):
+        attempts.append(1)
+        earlier = [] if new_search and len(attempts) == 1 else _trial_runs(client, search_id)
+        for run in earlier:
             if run.data.tags.get(KEY_TAG) != outcome.key:
                 continue
             if run.info.status == "FINISHED":

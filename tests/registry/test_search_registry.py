@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
+from typing import Any
 
+import pytest
+import sqlalchemy.exc
 from mlflow import MlflowClient
 from typer.testing import CliRunner
 
@@ -12,6 +15,7 @@ from squeezeflow.cli import app
 from squeezeflow.compression.search.space import TrialOutcome
 from squeezeflow.compression.search.spec import Objective
 from squeezeflow.evaluation.gates import GateResult
+from squeezeflow.registry import search as registry_search
 from squeezeflow.registry.records import RunRecord, StageRecord
 from squeezeflow.registry.search import (
     FRONT_TAG,
@@ -147,3 +151,38 @@ def test_search_logs_resumes_finishes_and_registers_its_best_trial(workdir: Path
 
     failed = [trial.model_copy(update={"passed": False}) for trial in logged]
     assert register_best(failed, OBJECTIVES, search_id) is None
+
+
+def test_a_new_search_logs_a_trial_without_looking_for_earlier_ones_unless_it_retries(
+    workdir: Path, tiny_bert_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    monkeypatch.setenv("SQUEEZEFLOW_REGISTRY_RETRY_DELAYS", "0")  # one retry, no pause
+    lookups: list[str] = []
+    look = registry_search._trial_runs
+    monkeypatch.setattr(registry_search, "_trial_runs",
+                        lambda client, search_id: lookups.append(search_id) or look(client, search_id))
+    search_id = start_search(uri, EXPERIMENT, "tiny-sweep", SPEC, "s" * 64)
+    trials = outcomes(tiny_bert_dir)
+    log_trial(uri, search_id, trials[0], new_search=True)
+    assert lookups == []
+    log_trial(uri, search_id, trials[1])  # a resumed search looks
+    assert lookups == [search_id]
+
+    # the first attempt fails after its run was created: the retry finds and replaces it
+    texts = registry_search._log_texts
+    failures = [sqlalchemy.exc.OperationalError("INSERT", None, Exception("database is locked"))]
+
+    def flaky(*args: Any) -> None:
+        if failures:
+            raise failures.pop()
+        texts(*args)
+
+    monkeypatch.setattr(registry_search, "_log_texts", flaky)
+    run_id = log_trial(uri, search_id, trials[2], new_search=True)
+    assert lookups == [search_id, search_id]
+    client = MlflowClient(uri)
+    nested = client.search_runs([client.get_run(search_id).info.experiment_id],
+                                f"tags.mlflow.parentRunId = '{search_id}'")
+    assert sorted(run.data.tags["squeezeflow.search.key"] for run in nested) == ["key0", "key1", "key2"]
+    assert client.get_run(run_id).info.status == "FINISHED"
