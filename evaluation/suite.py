@@ -136,7 +136,8 @@ def evaluate(
     references: ReferenceCache | None = None,
 ) -> EvaluationReport:
     """Measure base and candidate on `texts`; both see the same batches and settings.
-    `references`: where the base's side of the quality metrics is kept (None: computed)."""
+    `references`: where the base's side of the quality metrics and its parameter counts
+    are kept (None: computed, the base loaded)."""
     tell = progress or (lambda message: log.info(message))
     # Both as a user loads them (`squeezeflow.load_compressed`): quantized Linears run
     # on packed kernels, so quality and latency are those of the packed runtime. The
